@@ -1,0 +1,59 @@
+"""The `dsv3` command: one verb per task, each in its own module under `dsv3.commands`.
+
+A verb's module defines `HELP` (one line), `add_arguments(parser)` and `run(args) -> int`. Modules
+are imported only when their verb runs, so `dsv3 info` never pays for the server's imports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from dsv3.errors import Dsv3Error
+
+# verb -> (module, one-line help). Keep in the order a user meets them.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "info": ("dsv3.commands.info", "parameters, active parameters, cache bytes and FLOPs of a model"),
+    "convert": ("dsv3.commands.convert", "convert a checkpoint (FP8 -> bf16, re-shard, change dtype)"),
+    "generate": ("dsv3.commands.generate", "continue a prompt with a model"),
+}
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    verbs = "\n".join(f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items())
+    return argparse.ArgumentParser(
+        prog="dsv3",
+        description="DeepSeek-V3 in plain PyTorch.",
+        epilog=f"commands:\n{verbs}\n\nRun `dsv3 COMMAND --help` for a command's options.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="dsv3 COMMAND [options]",
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    top = _top_parser()
+    if not argv or argv[0] in ("-h", "--help"):
+        top.print_help()
+        return 0 if argv else 2
+    verb, rest = argv[0], argv[1:]
+    if verb not in COMMANDS:
+        print(f"dsv3: error: unknown command {verb!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[verb][0])
+    parser = argparse.ArgumentParser(prog=f"dsv3 {verb}", description=module.HELP)
+    module.add_arguments(parser)
+    args = parser.parse_args(rest)  # argparse itself exits 2 on usage errors
+    try:
+        return int(module.run(args) or 0)
+    except Dsv3Error as e:
+        print(f"dsv3 {verb}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"dsv3 {verb}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

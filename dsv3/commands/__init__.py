@@ -1,0 +1,1 @@
+"""One module per `dsv3` verb; see `dsv3.cli`."""
