@@ -135,11 +135,23 @@ class ModelConfig:
         def bad(name: str, why: str) -> ConfigError:
             return ConfigError(f"config field {name}={getattr(self, name)!r} {why}")
 
-        positive = (
-            "vocab_size hidden_size intermediate_size moe_intermediate_size num_hidden_layers "
-            "num_attention_heads kv_lora_rank qk_nope_head_dim qk_rope_head_dim v_head_dim "
-            "n_routed_experts num_experts_per_tok n_group topk_group max_position_embeddings"
-        ).split()
+        positive = [
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "moe_intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "kv_lora_rank",
+            "qk_nope_head_dim",
+            "qk_rope_head_dim",
+            "v_head_dim",
+            "n_routed_experts",
+            "num_experts_per_tok",
+            "n_group",
+            "topk_group",
+            "max_position_embeddings",
+        ]
         for name in positive:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
@@ -190,16 +202,12 @@ class ModelConfig:
             if y["original_max_position_embeddings"] <= 0:
                 raise ConfigError("config field rope_scaling.original_max_position_embeddings must be positive")
         # fields we keep in `extra` but whose other values the model cannot honour
-        kv_heads = self.extra.get("num_key_value_heads")
-        if kv_heads is not None and kv_heads != self.num_attention_heads:
-            raise ConfigError(
-                f"config field num_key_value_heads={kv_heads!r} must equal num_attention_heads="
-                f"{self.num_attention_heads}: MLA gives every head its own key and value"
-            )
         if self.extra.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"config field hidden_act={self.extra['hidden_act']!r} is not supported; use silu")
         if self.extra.get("rope_interleave", True) is not True:
-            raise ConfigError("config field rope_interleave=false is not supported: DeepSeek weights expect interleaved RoPE")
+            raise ConfigError(
+                "config field rope_interleave=false is not supported: DeepSeek weights expect interleaved RoPE"
+            )
         for name in ("attention_bias", "mlp_bias"):
             if self.extra.get(name):
                 raise ConfigError(f"config field {name}=true is not supported: DeepSeek models have no biases")
@@ -262,11 +270,17 @@ class ModelConfig:
             out["rope_scaling"] = copy.deepcopy(self.rope_scaling)
             if source_keys is not None and "rope_scaling" not in source_keys and self.rope_scaling is None:
                 del out["rope_scaling"]
-            if source_keys is not None and "rope_theta" not in source_keys and self.rope_theta == defaults["rope_theta"]:
+            if (
+                source_keys is not None
+                and "rope_theta" not in source_keys
+                and self.rope_theta == defaults["rope_theta"]
+            ):
                 del out["rope_theta"]
         out.update(copy.deepcopy(self.extra))
         if source_keys is None:
             out.setdefault("architectures", [_ARCHITECTURES[self.model_type]])
+            # unused by MLA, but transformers derives its attention grouping from it
+            out.setdefault("num_key_value_heads", self.num_attention_heads)
         order = list(source_keys or ())
         return {k: out[k] for k in sorted(out, key=lambda k: order.index(k) if k in order else len(order))}
 
@@ -288,22 +302,62 @@ _ARCHITECTURES = {"deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v2": "Deepse
 # What transformers assumes for a field that a config.json leaves out, per model_type.
 _HF_DEFAULTS: dict[str, dict[str, Any]] = {
     "deepseek_v3": {
-        "vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048,
-        "num_hidden_layers": 61, "first_k_dense_replace": 3, "num_attention_heads": 128, "q_lora_rank": 1536,
-        "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
-        "n_routed_experts": 256, "n_shared_experts": 1, "num_experts_per_tok": 8, "n_group": 8, "topk_group": 4,
-        "routed_scaling_factor": 2.5, "scoring_func": "sigmoid", "topk_method": "noaux_tc", "norm_topk_prob": True,
-        "num_nextn_predict_layers": 1, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "rope_scaling": None,
-        "max_position_embeddings": 4096, "tie_word_embeddings": False,
+        "vocab_size": 129280,
+        "hidden_size": 7168,
+        "intermediate_size": 18432,
+        "moe_intermediate_size": 2048,
+        "num_hidden_layers": 61,
+        "first_k_dense_replace": 3,
+        "num_attention_heads": 128,
+        "q_lora_rank": 1536,
+        "kv_lora_rank": 512,
+        "qk_nope_head_dim": 128,
+        "qk_rope_head_dim": 64,
+        "v_head_dim": 128,
+        "n_routed_experts": 256,
+        "n_shared_experts": 1,
+        "num_experts_per_tok": 8,
+        "n_group": 8,
+        "topk_group": 4,
+        "routed_scaling_factor": 2.5,
+        "scoring_func": "sigmoid",
+        "topk_method": "noaux_tc",
+        "norm_topk_prob": True,
+        "num_nextn_predict_layers": 1,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "rope_scaling": None,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": False,
     },
     "deepseek_v2": {
-        "vocab_size": 102400, "hidden_size": 4096, "intermediate_size": 11008, "moe_intermediate_size": 1407,
-        "num_hidden_layers": 32, "first_k_dense_replace": 0, "num_attention_heads": 32, "q_lora_rank": 1536,
-        "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
-        "n_routed_experts": 64, "n_shared_experts": 2, "num_experts_per_tok": 6, "n_group": 1, "topk_group": 1,
-        "routed_scaling_factor": 1.0, "scoring_func": "softmax", "topk_method": "greedy", "norm_topk_prob": False,
-        "num_nextn_predict_layers": 0, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "rope_scaling": None,
-        "max_position_embeddings": 2048, "tie_word_embeddings": False,
+        "vocab_size": 102400,
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "moe_intermediate_size": 1407,
+        "num_hidden_layers": 32,
+        "first_k_dense_replace": 0,
+        "num_attention_heads": 32,
+        "q_lora_rank": 1536,
+        "kv_lora_rank": 512,
+        "qk_nope_head_dim": 128,
+        "qk_rope_head_dim": 64,
+        "v_head_dim": 128,
+        "n_routed_experts": 64,
+        "n_shared_experts": 2,
+        "num_experts_per_tok": 6,
+        "n_group": 1,
+        "topk_group": 1,
+        "routed_scaling_factor": 1.0,
+        "scoring_func": "softmax",
+        "topk_method": "greedy",
+        "norm_topk_prob": False,
+        "num_nextn_predict_layers": 0,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "rope_scaling": None,
+        "max_position_embeddings": 2048,
+        "tie_word_embeddings": False,
     },
 }
 
@@ -326,31 +380,75 @@ def _read_config_json(path: str | os.PathLike) -> dict[str, Any]:
 
 # ----- presets ---------------------------------------------------------------------------------
 
+
 def _v2_lite() -> ModelConfig:
     return ModelConfig(
-        vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
-        num_hidden_layers=27, first_k_dense_replace=1, num_attention_heads=16, q_lora_rank=None,
-        kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
-        n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6, n_group=1, topk_group=1,
-        routed_scaling_factor=1.0, scoring_func="softmax", topk_method="greedy", norm_topk_prob=False,
-        num_nextn_predict_layers=0, rope_scaling={
-            "type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
-            "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707,
+        vocab_size=102400,
+        hidden_size=2048,
+        intermediate_size=10944,
+        moe_intermediate_size=1408,
+        num_hidden_layers=27,
+        first_k_dense_replace=1,
+        num_attention_heads=16,
+        q_lora_rank=None,
+        kv_lora_rank=512,
+        qk_nope_head_dim=128,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+        n_routed_experts=64,
+        n_shared_experts=2,
+        num_experts_per_tok=6,
+        n_group=1,
+        topk_group=1,
+        routed_scaling_factor=1.0,
+        scoring_func="softmax",
+        topk_method="greedy",
+        norm_topk_prob=False,
+        num_nextn_predict_layers=0,
+        rope_scaling={
+            "type": "yarn",
+            "factor": 40,
+            "original_max_position_embeddings": 4096,
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "mscale": 0.707,
+            "mscale_all_dim": 0.707,
         },
-        max_position_embeddings=163840, model_type="deepseek_v2",
+        max_position_embeddings=163840,
+        model_type="deepseek_v2",
     )
 
 
 def _tiny() -> ModelConfig:
     """A ~0.25M-parameter model with every V3 mechanism switched on, for tests."""
     return ModelConfig(
-        vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
-        num_hidden_layers=2, first_k_dense_replace=1, num_attention_heads=4, q_lora_rank=32,
-        kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
-        n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1,
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_hidden_layers=2,
+        first_k_dense_replace=1,
+        num_attention_heads=4,
+        q_lora_rank=32,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        n_group=2,
+        topk_group=1,
         num_nextn_predict_layers=1,
-        rope_scaling={"type": "yarn", "factor": 4, "original_max_position_embeddings": 128, "beta_fast": 32,
-                      "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+        rope_scaling={
+            "type": "yarn",
+            "factor": 4,
+            "original_max_position_embeddings": 128,
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+        },
         max_position_embeddings=512,
     )
 
@@ -358,13 +456,33 @@ def _tiny() -> ModelConfig:
 def _small() -> ModelConfig:
     """~26M parameters (~9M active): the CPU-trainable quick-start model, all V3 features on."""
     return ModelConfig(
-        vocab_size=8192, hidden_size=256, intermediate_size=1024, moe_intermediate_size=256,
-        num_hidden_layers=6, first_k_dense_replace=1, num_attention_heads=8, q_lora_rank=128,
-        kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
-        n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2,
+        vocab_size=8192,
+        hidden_size=256,
+        intermediate_size=1024,
+        moe_intermediate_size=256,
+        num_hidden_layers=6,
+        first_k_dense_replace=1,
+        num_attention_heads=8,
+        q_lora_rank=128,
+        kv_lora_rank=64,
+        qk_nope_head_dim=32,
+        qk_rope_head_dim=16,
+        v_head_dim=32,
+        n_routed_experts=16,
+        n_shared_experts=1,
+        num_experts_per_tok=4,
+        n_group=4,
+        topk_group=2,
         num_nextn_predict_layers=1,
-        rope_scaling={"type": "yarn", "factor": 4, "original_max_position_embeddings": 1024, "beta_fast": 32,
-                      "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+        rope_scaling={
+            "type": "yarn",
+            "factor": 4,
+            "original_max_position_embeddings": 1024,
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+        },
         max_position_embeddings=4096,
     )
 

@@ -1,0 +1,220 @@
+"""Load and save models in the Hugging Face checkpoint layout (DESIGN section 4), FP8 release format included."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+from dsv3.checkpoint import names
+from dsv3.checkpoint.files import CheckpointReader, nbytes, write_shards
+from dsv3.checkpoint.fp8 import dequantize_blockwise, quantize_blockwise
+from dsv3.config import ModelConfig
+from dsv3.errors import CheckpointError
+from dsv3.model import DeepSeekV3
+
+SCALE_SUFFIX = "_scale_inv"  # X.weight -> X.weight_scale_inv
+# tensors some checkpoints carry that are recomputed here rather than loaded
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _mtp_layers_present(reader: CheckpointReader, cfg: ModelConfig) -> set[int]:
+    L = cfg.num_hidden_layers
+    present = set()
+    for key in reader.keys():
+        if key.startswith("model.layers."):
+            i = int(key.split(".")[2])
+            if L <= i < L + cfg.num_nextn_predict_layers:
+                present.add(i - L)
+    return present
+
+
+def read_tensor(reader: CheckpointReader, key: str, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor in `dtype`, dequantising a released FP8 weight with its block scales."""
+    t = reader.get(key)
+    if t.dtype == torch.float8_e4m3fn:
+        scale_key = key + SCALE_SUFFIX
+        if scale_key not in reader:
+            raise CheckpointError(f"FP8 tensor {key} has no {scale_key} beside it; the checkpoint is incomplete")
+        try:
+            return dequantize_blockwise(t, reader.get(scale_key), dtype)
+        except ValueError as e:
+            raise CheckpointError(f"FP8 tensor {key}: {e}") from None
+    return t.to(dtype)
+
+
+def load_pretrained(
+    path: str | os.PathLike,
+    dtype: torch.dtype | str | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    attn_impl: str = "naive",
+    experts_impl: str = "grouped",
+) -> DeepSeekV3:
+    """Build a DeepSeekV3 from a Hugging Face model directory (config.json + safetensors, sharded or not).
+
+    dtype: the weights' dtype (default: the checkpoint's own; bf16 for an FP8 checkpoint, whose blocks are
+    dequantised on the CPU). The model is built on the meta device, allocated once, and filled tensor by
+    tensor from memory-mapped files, so peak memory stays near the model's own size. The router bias stays
+    fp32. MTP layers load into the MTP modules; a config that declares MTP layers whose tensors are all absent
+    (as transformers saves them) loads with MTP switched off and a warning.
+    """
+    cfg = ModelConfig.from_hf(path if os.path.isdir(path) else os.path.dirname(os.fspath(path)))
+    reader = CheckpointReader(path)
+    if cfg.num_nextn_predict_layers and not _mtp_layers_present(reader, cfg):
+        warnings.warn(
+            f"{path}: config.json declares {cfg.num_nextn_predict_layers} MTP layer(s) but the checkpoint holds none "
+            "of their tensors; loading without MTP",
+            stacklevel=2,
+        )
+        cfg = cfg.replace(num_nextn_predict_layers=0)
+    if isinstance(dtype, str):
+        dtype = DTYPES[dtype]
+    if dtype is None:
+        emb = (
+            reader.get(names.ours_to_hf("embed.weight", cfg.num_hidden_layers))
+            if "model.embed_tokens.weight" in reader
+            else None
+        )
+        dtype = emb.dtype if emb is not None and emb.dtype in DTYPES.values() else torch.bfloat16
+
+    with torch.device("meta"):
+        model = DeepSeekV3(cfg, attn_impl=attn_impl, experts_impl=experts_impl)
+    model = model.to(dtype).to_empty(device=device)
+    state = model.state_dict(keep_vars=True)
+    filled: set[tuple[str, int | None]] = set()
+    L, D = cfg.num_hidden_layers, cfg.num_nextn_predict_layers
+
+    unexpected = []
+    with torch.no_grad():
+        for key in reader.keys():
+            if key.endswith(SCALE_SUFFIX) or key.endswith(_IGNORED_SUFFIXES):
+                continue
+            target = names.hf_to_ours(key, L, D)
+            if target is None or target.key not in state:
+                unexpected.append(key)
+                continue
+            if target.copy_of_shared:
+                continue  # MTP's copies of the embedding and head: the model shares the originals
+            param = state[target.key]
+            dest = param if target.expert is None else param[target.expert] if target.expert < param.shape[0] else None
+            if dest is None:
+                unexpected.append(key)
+                continue
+            t = read_tensor(reader, key, param.dtype)
+            if tuple(t.shape) != tuple(dest.shape):
+                raise CheckpointError(
+                    f"tensor {key} has shape {tuple(t.shape)} but config.json implies {tuple(dest.shape)}; "
+                    "the checkpoint and its config do not match"
+                )
+            dest.copy_(t)
+            filled.add((target.key, target.expert))
+    if unexpected:
+        more = f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""
+        raise CheckpointError(
+            f"unexpected tensor {unexpected[0]}{more} in {path}: it has no place in a model with this config.json"
+        )
+
+    missing = []
+    for key in state:
+        expert_names = names.expert_names(key, L, cfg.n_routed_experts)
+        if expert_names is not None:
+            missing += [n for e, n in enumerate(expert_names) if (key, e) not in filled]
+        elif (key, None) not in filled:
+            missing.append(names.ours_to_hf(key, L) or key)
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise CheckpointError(f"tensor {missing[0]}{more} missing from {path}; the checkpoint is incomplete")
+    return model
+
+
+def hf_state(model: DeepSeekV3, *, mtp_copies: bool = True):
+    """(HF name, tensor) for every tensor of the checkpoint: one per expert, and for each MTP layer the
+    release's copies of the embedding and the output head (views, nothing is copied here)."""
+    cfg = model.config
+    L = cfg.num_hidden_layers
+    state = model.state_dict()
+    out: list[tuple[str, torch.Tensor]] = []
+    for key, value in state.items():
+        expert_names = names.expert_names(key, L, cfg.n_routed_experts)
+        if expert_names is not None:
+            out += list(zip(expert_names, value.unbind(0)))
+        else:
+            hf = names.ours_to_hf(key, L)
+            if hf is None:
+                raise RuntimeError(f"no Hugging Face name for {key}")  # a gap in the name table, not user input
+            out.append((hf, value))
+    if mtp_copies:
+        for k in range(cfg.num_nextn_predict_layers):
+            for suffix, ours in names.MTP_COPIES.items():
+                out.append((f"model.layers.{L + k}.{suffix}", state[ours]))
+    return out
+
+
+def save_pretrained(
+    model: DeepSeekV3,
+    path: str | os.PathLike,
+    *,
+    max_shard_size: int | str = "5GB",
+    dtype: torch.dtype | str | None = None,
+    fp8: bool = False,
+) -> None:
+    """Write `model` as a Hugging Face checkpoint that transformers' AutoModelForCausalLM loads.
+
+    One tensor per expert, MTP module k as layer num_hidden_layers + k - 1 (with the release's copies of the
+    embedding and head), sharded with an index above `max_shard_size`. With fp8, the tensors the release
+    quantises are written as float8_e4m3fn with 128x128 block scales and config.json gets the release's
+    quantization_config. Every file is written under a temporary name and renamed.
+    """
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    if isinstance(dtype, str):
+        dtype = DTYPES[dtype]
+    tensors = dict(hf_state(model))
+
+    def final_dtype(name: str, t: torch.Tensor) -> torch.dtype:
+        if name.endswith("e_score_correction_bias"):
+            return torch.float32
+        return dtype or t.dtype
+
+    planned = []
+    for name, t in tensors.items():
+        if fp8 and names.is_fp8_in_release(name):
+            blocks = (-(-t.shape[0] // 128)) * (-(-t.shape[1] // 128))
+            planned.append((name, nbytes(t.shape, torch.float8_e4m3fn) + 4 * blocks))
+        else:
+            planned.append((name, nbytes(t.shape, final_dtype(name, t))))
+
+    def materialize(shard_names):
+        out = {}
+        for name in shard_names:
+            t = tensors[name]
+            if fp8 and names.is_fp8_in_release(name):
+                out[name], out[name + SCALE_SUFFIX] = quantize_blockwise(t)
+            else:
+                out[name] = t.detach().to("cpu", final_dtype(name, t)).clone()
+        return out
+
+    write_shards(path, planned, materialize, max_shard_size)
+    weight_dtype = dtype or model.embed.weight.dtype
+    write_config(path, model.config, weight_dtype, fp8)
+
+
+def write_config(path: str, cfg: ModelConfig, dtype: torch.dtype, fp8: bool) -> None:
+    """config.json with the weights' dtype, and the release's quantization_config when FP8."""
+    extra = dict(cfg.extra)
+    extra["dtype"] = str(dtype).removeprefix("torch.")
+    extra.pop("torch_dtype", None)
+    if fp8:
+        extra["quantization_config"] = {
+            "quant_method": "fp8",
+            "fmt": "e4m3",
+            "activation_scheme": "dynamic",
+            "weight_block_size": [128, 128],
+        }
+    else:
+        extra.pop("quantization_config", None)
+    cfg.replace(extra=extra).save(os.path.join(path, "config.json"))
