@@ -1,0 +1,288 @@
+"""`prepare()`: a corpus in, token shards out; the one function behind `dsv3 prepare` and `dsv3 train`.
+
+    sources -> documents -> audit (optional) -> spool -> tokenizer (trained or given)
+            -> token stream (EOS after each document) -> train / validation shards -> manifest
+
+Everything is built in a temporary folder inside the output folder and moved into place at the end,
+manifest last, so a killed run never leaves a dataset that looks complete. A run whose sources
+(paths, sizes, modification times) and settings match the manifest reuses the shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import struct
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from dsv3.data import builtin
+from dsv3.data.dataset import FORMAT, MANIFEST, DatasetInfo, token_dtype
+from dsv3.data.pack import (
+    SHARD_TOKENS,
+    choose_validation,
+    name_key,
+    split_ranges,
+    tokenize,
+    validation_target,
+    write_shards,
+)
+from dsv3.data.sources import Document, read, resolve, stat_key
+from dsv3.data.tokenizer import CONFIG_FILE, TOKENIZER_FILE, Tokenizer
+from dsv3.errors import Dsv3Error
+from dsv3.utils import human
+
+AUDIT_MODES = ("off", "refuse", "clean")
+TMP_PREFIX = ".prepare-"
+SHARD_NAME = re.compile(r"(train|val)-\d{5}\.bin")
+
+
+def prepare(
+    sources: Sequence[str] = (),
+    out: str | os.PathLike = "data",
+    *,
+    vocab_size: int = 8192,
+    tokenizer: str | os.PathLike | None = None,
+    text_field: str = "text",
+    val_fraction: float = 0.01,
+    audit: str = "off",
+    shard_tokens: int = SHARD_TOKENS,
+    log: Callable[[str], None] = print,
+    progress: bool | None = None,
+) -> DatasetInfo:
+    """Prepare `sources` (files, folders, globs, .jsonl; none = the built-in corpus) into `out`.
+
+    vocab_size:   size of the byte-level BPE trained on the corpus; ignored when `tokenizer` is given
+    tokenizer:    a tokenizer.json (or a folder holding one) to use instead of training
+    text_field:   the field of each JSONL record that holds its text
+    val_fraction: share of the tokens held out, by whole documents (at least 16K tokens or a tenth)
+    audit:        "off"; "refuse" stops if `dsv3.audit` flags any document; "clean" keeps its fixed text
+    log:          receives one line per stage and a summary; `progress` shows bars (None: on a terminal)
+    """
+    start = time.perf_counter()
+    out = os.fspath(out)
+    if audit not in AUDIT_MODES:
+        raise Dsv3Error(f"--audit {audit!r} is not one of: {', '.join(AUDIT_MODES)}")
+    if not 0 < val_fraction < 0.5:
+        raise Dsv3Error(f"--val-fraction {val_fraction} must lie between 0 and 0.5")
+    files = resolve(sources) if sources else None
+    given = Tokenizer.from_file(tokenizer) if tokenizer is not None else None
+    settings = {
+        "tokenizer": given.sha256() if given else None,
+        "vocab_size": None if given else vocab_size,
+        "text_field": text_field,
+        "val_fraction": val_fraction,
+        "audit": audit,
+    }
+    identity = builtin.stat_key() if files is None else stat_key(files)
+    fingerprint = hashlib.sha256(json.dumps([FORMAT, settings, identity]).encode()).hexdigest()
+
+    old = _existing(out)
+    if old is not None and old.fingerprint == fingerprint and old.is_complete():
+        old.reused = True
+        log(f"reusing the prepared data in {out}: sources and settings are unchanged "
+            f"({human(old.tokens)} tokens, {old.documents} documents)")
+        return old
+
+    described = "the built-in corpus" if files is None else _describe(files)
+    os.makedirs(out, exist_ok=True)
+    _remove_leftovers(out)
+    with tempfile.TemporaryDirectory(prefix=TMP_PREFIX, dir=out) as tmp:
+        log(f"reading {described}")
+        docs = builtin.documents() if files is None else read(files, text_field)
+        spool = _Spool(os.path.join(tmp, "documents.spool"))
+        auditing = _Audit(audit)
+        spool.fill(auditing.apply(docs), progress)
+        if spool.documents == 0:
+            if auditing.counts.get("dropped"):
+                raise Dsv3Error("the audit dropped every document, so nothing is left to prepare")
+            raise Dsv3Error(f"the corpus is empty: {described} holds no text; give files with text in them")
+
+        if given is None:
+            log(f"training a byte-level BPE tokenizer with {vocab_size} tokens on {human(spool.bytes)}B of text")
+            tok = Tokenizer.train(spool.texts(), vocab_size, length=spool.documents)
+        else:
+            tok = given
+        dtype = token_dtype(tok.vocab_size)
+
+        log(f"tokenizing {spool.documents} documents")
+        stream_path = os.path.join(tmp, "stream.bin")
+        with _bar(progress, spool.chars, "tokenizing") as bar:
+            lengths = tokenize(spool.texts(), tok, stream_path, dtype, on_text=bar.update)
+        stream = np.memmap(stream_path, dtype=dtype, mode="r")
+        total = len(stream)
+        if len(lengths) > 1:
+            is_val = choose_validation(lengths, np.asarray(spool.keys, dtype=np.uint64), val_fraction)
+            ranges = split_ranges(lengths, is_val)
+            counts = {"train": int((~is_val).sum()), "val": int(is_val.sum())}
+            held_out = "whole documents"
+        else:  # one document cannot be split by document: hold out its end
+            cut = total - validation_target(total, val_fraction)
+            ranges = [(0, cut, "train"), (cut, total, "val")]
+            counts = {"train": 1, "val": 0}
+            held_out = "the end of the only document"
+        shards = write_shards(stream, ranges, tmp, shard_tokens)
+        del stream  # release the map before the folder goes
+        tok.save(tmp)
+
+        splits = {
+            split: {"documents": counts[split], "tokens": sum(s["tokens"] for s in shards[split]),
+                    "shards": shards[split]}
+            for split in ("train", "val")
+        }
+        splits["val"]["held_out"] = held_out
+        info = DatasetInfo(
+            path=out, dtype=dtype.name, vocab_size=tok.vocab_size, eos_id=tok.eos_id, bos_id=tok.bos_id,
+            tokenizer_sha256=tok.sha256(), fingerprint=fingerprint, content_sha256=spool.sha256.hexdigest(),
+            sources=list(sources) or [builtin.NAME], documents=spool.documents, bytes=spool.bytes, tokens=total,
+            splits=splits, settings=settings, audit=auditing.counts,
+            seconds=round(time.perf_counter() - start, 3),
+        )
+        _install(tmp, out, info)
+
+    train, val = (human(splits[s]["tokens"]) for s in ("train", "val"))
+    log(f"prepared {info.documents} documents ({human(info.bytes)}B) from {described} into {out}: "
+        f"{human(info.tokens)} tokens (train {train}, val {val}), {info.dtype}, vocabulary {info.vocab_size}, "
+        f"{info.seconds:.1f} s")
+    return info
+
+
+def _existing(out: str) -> DatasetInfo | None:
+    """The dataset already in `out`, or None when there is none or it cannot be read."""
+    if not os.path.isfile(os.path.join(out, MANIFEST)):
+        return None
+    try:
+        return DatasetInfo.load(out)
+    except Dsv3Error:
+        return None
+
+
+def _describe(files: Sequence[str]) -> str:
+    return files[0] if len(files) == 1 else f"{len(files)} files"
+
+
+def _remove_leftovers(out: str) -> None:
+    """Temporary folders of earlier runs that were killed before they finished."""
+    for name in os.listdir(out):
+        if name.startswith(TMP_PREFIX) and os.path.isdir(os.path.join(out, name)):
+            shutil.rmtree(os.path.join(out, name), ignore_errors=True)
+
+
+def _install(tmp: str, out: str, info: DatasetInfo) -> None:
+    """Move the new dataset from `tmp` into `out`. The old manifest goes first and the new one comes
+    last, so between the two the folder reads as unprepared (and a re-run rebuilds it)."""
+    manifest = os.path.join(out, MANIFEST)
+    if os.path.exists(manifest):
+        os.remove(manifest)
+    for name in os.listdir(out):
+        if SHARD_NAME.fullmatch(name):
+            os.remove(os.path.join(out, name))
+    new = [s["file"] for split in info.splits.values() for s in split["shards"]] + [TOKENIZER_FILE, CONFIG_FILE]
+    for name in new:
+        os.replace(os.path.join(tmp, name), os.path.join(out, name))
+    info.save()
+
+
+class _Audit:
+    """Passes documents through `dsv3.audit` as `mode` says and counts what it did."""
+
+    def __init__(self, mode: str):
+        self.mode = mode
+        self.counts: dict[str, Any] = {}
+        if mode != "off":
+            try:
+                from dsv3.audit import Auditor
+            except ImportError:
+                raise Dsv3Error(f"--audit {mode} needs the dsv3.audit module, which this installation lacks") from None
+            self.auditor = Auditor()
+
+    def apply(self, docs: Iterable[Document]) -> Iterator[Document]:
+        if self.mode == "off":
+            yield from docs
+            return
+        seen = flagged = changed = dropped = 0
+        example = None
+        for doc in docs:
+            seen += 1
+            if self.mode == "refuse":
+                findings = self.auditor.find(doc.text)
+                if findings:
+                    flagged += 1
+                    example = example or f"{doc.name}: {findings[0]}"
+                yield doc
+                continue
+            text, _ = self.auditor.fix(doc.text)
+            if not text:  # None: the auditor dropped it
+                dropped += 1
+                continue
+            changed += int(text != doc.text)
+            yield Document(doc.name, text)
+        if flagged:
+            raise Dsv3Error(
+                f"the audit flagged {flagged} of {seen} documents (for example {example}); run `dsv3 audit` on "
+                f"the same sources for details, or prepare with --audit clean"
+            )
+        self.counts = {"mode": self.mode, "documents": seen, "flagged": flagged, "changed": changed,
+                       "dropped": dropped}
+
+
+class _Spool:
+    """The documents, read (and audited) once, kept in a temporary file for the tokenizer's two passes.
+
+    Each record is an 8-byte little-endian length and the UTF-8 text. Document names are kept only as
+    64-bit hashes, which is all the validation split needs.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self.documents = self.bytes = self.chars = 0
+        self.keys: list[int] = []
+        self.sha256 = hashlib.sha256()
+
+    def fill(self, docs: Iterable[Document], progress: bool | None) -> None:
+        with open(self.path, "wb") as f, _bar(progress, None, "reading", unit="doc") as bar:
+            for doc in docs:
+                data = doc.text.encode("utf-8")
+                header = struct.pack("<Q", len(data))
+                f.write(header)
+                f.write(data)
+                self.sha256.update(header + data)
+                self.keys.append(name_key(doc.name))
+                self.documents += 1
+                self.bytes += len(data)
+                self.chars += len(doc.text)
+                bar.update(1)
+
+    def texts(self) -> Iterator[str]:
+        with open(self.path, "rb") as f:
+            while header := f.read(8):
+                (n,) = struct.unpack("<Q", header)
+                yield f.read(n).decode("utf-8")
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def __enter__(self) -> _NoBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+def _bar(progress: bool | None, total: int | None, desc: str, unit: str = "char") -> Any:
+    """A tqdm progress bar on stderr (by default only on a terminal), or one that shows nothing."""
+    if progress is False:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, disable=None if progress is None else False,
+                leave=False, dynamic_ncols=True)
