@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from dsv3.errors import Dsv3Error
@@ -15,8 +16,11 @@ from dsv3.errors import Dsv3Error
 # verb -> (module, one-line help). Keep in the order a user meets them.
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("dsv3.commands.info", "parameters, active parameters, cache bytes and FLOPs of a model"),
+    "prepare": ("dsv3.commands.prepare", "tokenize a corpus into token shards (built-in corpus, files, JSONL)"),
     "convert": ("dsv3.commands.convert", "convert a checkpoint (FP8 -> bf16, re-shard, change dtype)"),
     "generate": ("dsv3.commands.generate", "continue a prompt with a model"),
+    "cost": ("dsv3.commands.cost", "FLOPs, GPU-hours and dollars to train a model; DeepSeek-V3's figures reproduced"),
+    "plan": ("dsv3.commands.plan", "will it fit: per-GPU memory for training and serving, smallest GPU counts"),
 }
 
 
@@ -53,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"dsv3 {verb}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and the like: not an error
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the flush at exit
+        return 0
 
 
 if __name__ == "__main__":

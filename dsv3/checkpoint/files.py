@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -82,6 +82,10 @@ class CheckpointReader:
     def keys_in(self, file: str) -> list[str]:
         return [k for k, f in self._file_of.items() if f == file]
 
+    def shape(self, key: str) -> tuple[int, ...]:
+        """The tensor's shape, read from the header alone."""
+        return tuple(self._handles[self._file_of[key]].get_slice(key).get_shape())
+
     def get(self, key: str) -> torch.Tensor:
         try:
             return self._handles[self._file_of[key]].get_tensor(key)
@@ -102,41 +106,42 @@ def parse_size(size: int | str) -> int:
     return int(float(m.group(1)) * base ** " KMGT".index(m.group(2).upper() or " "))
 
 
-def write_shards(
-    directory: str, planned: list[tuple[str, int]], materialize, max_shard_size: int | str
-) -> dict[str, str]:
-    """Write tensors into shards of at most `max_shard_size` bytes (a tensor larger than that gets its own).
-
-    planned: (name, nbytes) for every tensor, in writing order; materialize(names) -> {name: tensor} is called
-    once per shard, so only one shard of new tensors is alive at a time. Writes the index when there is more
-    than one shard, removes shard files of an earlier save that are not part of this one, and returns the
-    weight map.
-    """
+def plan_shards(planned: list[tuple[str, int]], max_shard_size: int | str) -> list[list[str]]:
+    """Group (name, nbytes) in order into shards of at most max_shard_size bytes (a larger tensor gets its own)."""
     limit = parse_size(max_shard_size)
     shards: list[list[str]] = [[]]
     size = 0
-    for name, nbytes in planned:
-        if shards[-1] and size + nbytes > limit:
+    for name, n in planned:
+        if shards[-1] and size + n > limit:
             shards.append([])
             size = 0
         shards[-1].append(name)
-        size += nbytes
+        size += n
+    return shards
+
+
+def write_shards(directory: str, shards: list[list[str]], materialize) -> dict[str, str]:
+    """Write one safetensors file per group of names; materialize(names) -> {name: tensor} is called once per
+    shard (it may add tensors, e.g. FP8 scales), so only one shard of new tensors is alive at a time.
+
+    Writes the index when there is more than one shard, removes shard files of an earlier save that are not
+    part of this one, and returns the weight map.
+    """
     n = len(shards)
     file_names = [SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    weight_map = {}
+    weight_map: dict[str, str] = {}
+    total = 0
     for file_name, names in zip(file_names, shards):
         tensors = {k: v.contiguous() for k, v in materialize(names).items()}
-        atomic_write(
-            os.path.join(directory, file_name), lambda tmp, t=tensors: save_file(t, tmp, metadata={"format": "pt"})
-        )
-        weight_map.update(dict.fromkeys(names, file_name))
+        path = os.path.join(directory, file_name)
+        atomic_write(path, lambda tmp, t=tensors: save_file(t, tmp, metadata={"format": "pt"}))
+        weight_map.update(dict.fromkeys(tensors, file_name))
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
         del tensors
     index_path = os.path.join(directory, INDEX)
     if n > 1:
-        total = sum(nbytes for _, nbytes in planned)
-        atomic_write_text(
-            index_path, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
-        )
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        atomic_write_text(index_path, json.dumps(index, indent=2))
     elif os.path.exists(index_path):
         os.unlink(index_path)
     for stale in os.listdir(directory):
@@ -150,8 +155,3 @@ def nbytes(shape: Iterable[int], dtype: torch.dtype) -> int:
     for s in shape:
         n *= s
     return n * dtype.itemsize
-
-
-def iter_keys_by_file(reader: CheckpointReader) -> Iterator[tuple[str, list[str]]]:
-    for file in reader.files():
-        yield file, reader.keys_in(file)

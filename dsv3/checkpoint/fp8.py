@@ -12,6 +12,12 @@ BLOCK = 128
 E4M3_MAX = 448.0  # largest finite float8_e4m3fn
 
 
+def fp8_nbytes(shape: tuple[int, ...], block: int = BLOCK) -> int:
+    """Bytes a [out, in] weight takes in the FP8 format: one byte per value plus an fp32 scale per block."""
+    out_dim, in_dim = shape
+    return out_dim * in_dim + 4 * -(-out_dim // block) * -(-in_dim // block)
+
+
 def quantize_blockwise(w: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
     """w [out, in] -> (e4m3 weight [out, in], fp32 scale [ceil(out/b), ceil(in/b)]) with per block
     scale = amax / 448, so each block uses the whole e4m3 range."""

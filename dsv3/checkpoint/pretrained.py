@@ -8,8 +8,8 @@ import warnings
 import torch
 
 from dsv3.checkpoint import names
-from dsv3.checkpoint.files import CheckpointReader, nbytes, write_shards
-from dsv3.checkpoint.fp8 import dequantize_blockwise, quantize_blockwise
+from dsv3.checkpoint.files import CheckpointReader, nbytes, plan_shards, write_shards
+from dsv3.checkpoint.fp8 import dequantize_blockwise, fp8_nbytes, quantize_blockwise
 from dsv3.config import ModelConfig
 from dsv3.errors import CheckpointError
 from dsv3.model import DeepSeekV3
@@ -95,7 +95,8 @@ def load_pretrained(
                 continue
             target = names.hf_to_ours(key, L, D)
             if target is None or target.key not in state:
-                unexpected.append(key)
+                if 0 not in reader.shape(key):  # transformers writes empty shared experts when there are none
+                    unexpected.append(key)
                 continue
             if target.copy_of_shared:
                 continue  # MTP's copies of the embedding and head: the model shares the originals
@@ -180,13 +181,10 @@ def save_pretrained(
             return torch.float32
         return dtype or t.dtype
 
-    planned = []
-    for name, t in tensors.items():
-        if fp8 and names.is_fp8_in_release(name):
-            blocks = (-(-t.shape[0] // 128)) * (-(-t.shape[1] // 128))
-            planned.append((name, nbytes(t.shape, torch.float8_e4m3fn) + 4 * blocks))
-        else:
-            planned.append((name, nbytes(t.shape, final_dtype(name, t))))
+    planned = [
+        (name, fp8_nbytes(t.shape) if fp8 and names.is_fp8_in_release(name) else nbytes(t.shape, final_dtype(name, t)))
+        for name, t in tensors.items()
+    ]
 
     def materialize(shard_names):
         out = {}
@@ -198,7 +196,7 @@ def save_pretrained(
                 out[name] = t.detach().to("cpu", final_dtype(name, t)).clone()
         return out
 
-    write_shards(path, planned, materialize, max_shard_size)
+    write_shards(path, plan_shards(planned, max_shard_size), materialize)
     weight_dtype = dtype or model.embed.weight.dtype
     write_config(path, model.config, weight_dtype, fp8)
 

@@ -1,0 +1,67 @@
+"""Convert a Hugging Face checkpoint tensor by tensor: FP8 -> bf16 (or fp16/fp32), a dtype change, bf16 -> FP8,
+or re-sharding. Names stay the same; only one shard of new tensors is held in memory at a time."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import torch
+
+from dsv3.checkpoint import names
+from dsv3.checkpoint.files import CheckpointReader, nbytes, plan_shards, write_shards
+from dsv3.checkpoint.fp8 import fp8_nbytes, quantize_blockwise
+from dsv3.checkpoint.pretrained import DTYPES, SCALE_SUFFIX, read_tensor, write_config
+from dsv3.config import ModelConfig
+from dsv3.errors import CheckpointError
+
+# files beside the weights that a model directory carries along
+SIDECARS = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+
+
+def convert_checkpoint(
+    src: str, dst: str, *, dtype: str = "bf16", max_shard_size: int | str | None = None
+) -> dict[str, str]:
+    """Write `src` to `dst` with weights in `dtype` ("bf16", "fp16", "fp32" or "fp8", the release's block format).
+
+    The router bias stays fp32; with fp8, only the tensors the release quantises become e4m3. Shards follow
+    the source's, unless max_shard_size is given. Returns the new weight map.
+    """
+    if os.path.abspath(src) == os.path.abspath(dst):
+        raise CheckpointError("source and destination are the same directory; convert into a new one")
+    if dtype not in (*DTYPES, "fp8"):
+        raise CheckpointError(f"unknown dtype {dtype!r}; choose one of {', '.join((*DTYPES, 'fp8'))}")
+    cfg = ModelConfig.from_hf(src)
+    reader = CheckpointReader(src)
+    fp8 = dtype == "fp8"
+    target = torch.bfloat16 if fp8 else DTYPES[dtype]
+    keys = [k for k in reader.keys() if not k.endswith(SCALE_SUFFIX)]
+
+    def out_dtype(key: str) -> torch.dtype:
+        return torch.float32 if key.endswith("e_score_correction_bias") else target
+
+    def planned_bytes(key: str) -> int:
+        shape = reader.shape(key)
+        return fp8_nbytes(shape) if fp8 and names.is_fp8_in_release(key) else nbytes(shape, out_dtype(key))
+
+    def materialize(shard_keys):
+        out = {}
+        for key in shard_keys:
+            t = read_tensor(reader, key, out_dtype(key))
+            if fp8 and names.is_fp8_in_release(key):
+                out[key], out[key + SCALE_SUFFIX] = quantize_blockwise(t)
+            else:
+                out[key] = t
+        return out
+
+    os.makedirs(dst, exist_ok=True)
+    if max_shard_size is None:  # keep the source's grouping: one destination shard per source shard
+        shards = [[k for k in reader.keys_in(f) if not k.endswith(SCALE_SUFFIX)] for f in reader.files()]
+    else:
+        shards = plan_shards([(k, planned_bytes(k)) for k in keys], max_shard_size)
+    weight_map = write_shards(dst, [s for s in shards if s], materialize)
+    write_config(dst, cfg, target, fp8)
+    for name in SIDECARS:
+        if os.path.exists(os.path.join(src, name)):
+            shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+    return weight_map

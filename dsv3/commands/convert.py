@@ -1,0 +1,38 @@
+"""`dsv3 convert SRC DST`: rewrite a Hugging Face checkpoint in another dtype or sharding, shard by shard."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+HELP = "convert a checkpoint: FP8 -> bf16, another dtype, bf16 -> the release's FP8 format, or re-shard"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("src", help="source model directory (config.json + safetensors)")
+    parser.add_argument("dst", help="destination directory (created; must differ from src)")
+    parser.add_argument(
+        "--dtype",
+        choices=["bf16", "fp16", "fp32", "fp8"],
+        default="bf16",
+        help="weight dtype of the result (default bf16; fp8 writes e4m3 with 128x128 block scales)",
+    )
+    parser.add_argument(
+        "--max-shard-size",
+        default=None,
+        metavar="SIZE",
+        help="re-shard at this size (e.g. 5GB); default: one output shard per input shard",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from dsv3.checkpoint.convert import convert_checkpoint
+
+    start = time.perf_counter()
+    weight_map = convert_checkpoint(args.src, args.dst, dtype=args.dtype, max_shard_size=args.max_shard_size)
+    n_files = len(set(weight_map.values()))
+    print(
+        f"wrote {len(weight_map)} tensors in {n_files} file(s) to {args.dst} ({args.dtype}) "
+        f"in {time.perf_counter() - start:.1f}s"
+    )
+    return 0

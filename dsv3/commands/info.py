@@ -1,0 +1,79 @@
+"""`dsv3 info`: what a model costs to hold and to run, computed from its config alone."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from dsv3.config import PRESETS, ModelConfig, preset
+from dsv3.errors import Dsv3Error
+
+HELP = "parameters, active parameters, cache bytes and FLOPs of a model (no weights are allocated)"
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    """--preset / --config / --model, one of which names the model (shared by every verb that needs one)."""
+    group = parser.add_mutually_exclusive_group(required=required)
+    group.add_argument("--preset", choices=list(PRESETS), help="a named configuration")
+    group.add_argument("--config", metavar="CONFIG_JSON", help="a Hugging Face config.json")
+    group.add_argument("--model", metavar="DIR", help="a model directory (its config.json)")
+
+
+def config_from_args(args: argparse.Namespace) -> ModelConfig:
+    if args.preset:
+        return preset(args.preset)
+    return ModelConfig.from_hf(args.config or args.model)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("--seq-len", type=int, default=4096, help="sequence length for the FLOPs (default 4096)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+
+def summarize(cfg: ModelConfig, seq_len: int) -> dict[str, int | float]:
+    from dsv3.flops import flops_per_token
+    from dsv3.params import cache_bytes_per_token, count_parameters
+
+    counts = count_parameters(cfg)
+    absorbed, naive = cache_bytes_per_token(cfg)
+    return {
+        "total_params": counts.total,
+        "active_params": counts.active,
+        "active_params_with_embedding": counts.active_with_embedding,
+        "mtp_params": counts.mtp,
+        "total_with_mtp_params": counts.total + counts.mtp,
+        "cache_bytes_per_token_absorbed_bf16": absorbed,
+        "cache_bytes_per_token_naive_bf16": naive,
+        "forward_flops_per_token": flops_per_token(cfg, seq_len).total,
+        "seq_len": seq_len,
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.seq_len < 1:
+        raise Dsv3Error(f"--seq-len must be a positive integer, got {args.seq_len}")
+    cfg = config_from_args(args)
+    s = summarize(cfg, args.seq_len)
+    if args.json:
+        print(json.dumps(s, indent=2))
+        return 0
+    name = args.preset or args.config or args.model
+    rows = [
+        ("total parameters (main model)", f"{s['total_params']:,}"),
+        ("active parameters per token", f"{s['active_params']:,}  (excluding the embedding)"),
+        ("", f"{s['active_params_with_embedding']:,}  (including the embedding)"),
+        (f"MTP parameters ({cfg.num_nextn_predict_layers} module(s))", f"{s['mtp_params']:,}"),
+        ("main + MTP", f"{s['total_with_mtp_params']:,}"),
+        ("KV cache per token, absorbed (bf16)", f"{s['cache_bytes_per_token_absorbed_bf16']:,} bytes"),
+        ("KV cache per token, naive (bf16)", f"{s['cache_bytes_per_token_naive_bf16']:,} bytes"),
+        (f"forward FLOPs per token (seq {args.seq_len})", f"{s['forward_flops_per_token']:,.0f}"),
+    ]
+    print(
+        f"{name}: {cfg.num_hidden_layers} layers, d={cfg.hidden_size}, {cfg.n_routed_experts} routed experts "
+        f"(top-{cfg.num_experts_per_tok}), vocab {cfg.vocab_size}"
+    )
+    width = max(len(label) for label, _ in rows)
+    for label, value in rows:
+        print(f"  {label:<{width}}  {value}")
+    return 0
