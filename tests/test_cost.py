@@ -1,0 +1,151 @@
+"""Cost: published figures reproduced, the arithmetic from FLOPs to dollars, the CLI and its errors."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from dsv3 import preset
+from dsv3.cli import main
+from dsv3.cost import default_mfu, estimate, mfu_from_run, parse_count, published_runs
+from dsv3.errors import Dsv3Error
+from dsv3.flops import flops_per_token
+from dsv3.hardware import GPUS, accelerator, measure_matmul_peak
+
+
+def _runs():
+    return {r.name: r for r in published_runs()}
+
+
+def test_parse_count():
+    assert parse_count("14.8T") == pytest.approx(14.8e12)
+    assert parse_count("500b") == 500e9
+    assert parse_count("2M") == 2e6 and parse_count("3K") == 3000
+    assert parse_count("2e9") == 2e9 and parse_count("1000") == 1000
+    for bad in ("-5", "0", "abc", "12X", "", "1.5.2T", "nan", "inf"):
+        with pytest.raises(Dsv3Error, match="--tokens"):
+            parse_count(bad)
+
+
+def test_llama_405b_flops_within_5_percent_of_the_reported_3_8e25():
+    llama = _runs()["Llama 3.1 405B pre-training"]
+    assert llama.flops_reported == 3.8e25
+    assert llama.total_flops == pytest.approx(3.8e25, rel=0.05)
+    # its report gives 38-43% MFU on H100 in bf16; the GPU-hours include restarts, so a bit lower
+    assert 0.3 < llama.implied_mfu("bf16") < 0.43
+
+
+def test_deepseek_v3_rows():
+    runs = _runs()
+    pre = runs["DeepSeek-V3 pre-training"]
+    assert pre.gpu_hours_per_trillion_tokens == pytest.approx(180e3)  # the report's 180K per trillion tokens
+    assert pre.total_flops == pytest.approx(14.8e12 * flops_per_token(preset("v3"), 4096, training=True).total)
+    assert pre.implied_mfu("fp8") == pytest.approx(pre.implied_mfu("bf16") / 2, rel=1e-3)
+    assert 0.3 < pre.implied_mfu("bf16") < 0.5
+    s32, s128 = runs["DeepSeek-V3 context 4K->32K"], runs["DeepSeek-V3 context 32K->128K"]
+    assert s32.tokens == 1000 * 1920 * 32768 and s128.tokens == 1000 * 480 * 131072
+    both = runs["DeepSeek-V3 context extension (both)"]
+    assert both.total_flops == pytest.approx(s32.total_flops + s128.total_flops)
+    assert both.gpu_hours_reported == 119e3 and s32.implied_mfu("bf16") is None
+    # longer sequences cost more per token: the attention core grows with the context
+    assert s128.total_flops > s32.total_flops > s32.tokens / pre.tokens * pre.total_flops
+
+
+def test_estimate_arithmetic_and_round_trip():
+    cfg, h800 = preset("v3"), GPUS["h800"]
+    est = estimate(cfg, 14.8e12, 4096, h800, precision="fp8", mfu=default_mfu("fp8"), gpus=2048)
+    assert est.gpu_hours == pytest.approx(2664e3)  # DeepSeek's own MFU gives back DeepSeek's own hours
+    assert est.days == pytest.approx(2664e3 / 2048 / 24)
+    assert est.usd == pytest.approx(2 * 2664e3)
+    est = estimate(cfg, 1e12, 4096, h800, mfu=0.5, usd_per_gpu_hour=3.0)
+    per_token = flops_per_token(cfg, 4096, training=True).total
+    assert est.gpu_hours == pytest.approx(1e12 * per_token / (989.5e12 * 0.5) / 3600)
+    assert est.usd == pytest.approx(3 * est.gpu_hours)
+    with pytest.raises(Dsv3Error, match="--mfu"):
+        estimate(cfg, 1e12, 4096, h800, mfu=1.01)
+    with pytest.raises(Dsv3Error, match="a100 has no FP8"):
+        estimate(cfg, 1e12, 4096, GPUS["a100"], precision="fp8", mfu=0.3)
+
+
+def test_mfu_from_run(tmp_path):
+    with pytest.raises(Dsv3Error, match="no metrics.jsonl"):
+        mfu_from_run(tmp_path)
+    lines = [{"step": 1, "mfu": 0.05}, {"step": 2, "loss": 3.0}, {"step": 3, "mfu": 0.3}, {"step": 4, "mfu": 0.4}]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    assert mfu_from_run(tmp_path) == pytest.approx(0.35)  # the first record (warm-up) is left out
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "mfu": 0.2}) + "\n" + json.dumps({"step": 2}))
+    with pytest.raises(Dsv3Error, match='no "mfu" records'):
+        mfu_from_run(tmp_path)
+    (tmp_path / "metrics.jsonl").write_text("{not json\n")
+    with pytest.raises(Dsv3Error, match="line 1 is not JSON"):
+        mfu_from_run(tmp_path)
+
+
+def test_accelerator_table():
+    for name in ("h800", "h100", "h200", "a100", "b200"):
+        gpu = accelerator(name.upper())
+        assert gpu.bf16_flops > 0 and gpu.memory_bytes > 70 * 2**30
+    assert GPUS["h800"].peak("fp8") == 2 * GPUS["h800"].peak("bf16")
+    with pytest.raises(Dsv3Error, match="unknown GPU 'tpu'"):
+        accelerator("tpu")
+
+
+def test_measure_matmul_peak_on_this_cpu():
+    flops = measure_matmul_peak(torch.bfloat16, seconds=0.3)
+    assert math.isfinite(flops) and 1e9 < flops < 1e15
+    with pytest.raises(Dsv3Error, match="FP8 matmuls need a CUDA GPU"):
+        measure_matmul_peak(torch.float8_e4m3fn)
+
+
+# ----- the command ------------------------------------------------------------------------------------
+
+
+def test_cli_json(capsys):
+    args = ["cost", "--preset", "v3", "--tokens", "14.8T", "--gpu", "h800", "--precision", "fp8", "--mfu", "0.25",
+            "--gpus", "2048", "--json"]
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {"total_flops", "gpu_hours", "usd", "days", "flops_per_token", "mfu"} <= set(out)
+    assert out["total_flops"] == pytest.approx(14.8e12 * out["flops_per_token"])
+    assert out["gpu_hours"] == pytest.approx(out["total_flops"] / (1979e12 * 0.25) / 3600)
+    assert out["usd"] == pytest.approx(2 * out["gpu_hours"])
+    assert sum(out["flops_per_token_breakdown"].values()) == pytest.approx(out["flops_per_token"])
+
+
+def test_cli_table_from_run_and_cpu(tmp_path, capsys):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "mfu": 0.9}\n{"step": 2, "mfu": 0.2}\n')
+    assert main(["cost", "--preset", "tiny", "--tokens", "1M", "--seq-len", "256", "--gpu", "cpu", "--gpus", "1",
+                 "--from-run", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "0.200 (mean of" in out and "this machine's CPU" in out and "1M tokens" in out
+
+
+def test_cli_reproduce(capsys):
+    assert main(["cost", "--reproduce"]) == 0
+    out = capsys.readouterr().out
+    assert "2.664M" in out and "30.84M" in out and "3.80e25" in out and "$5.576M" in out
+    assert main(["cost", "--reproduce", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in rows] == [r.name for r in published_runs()]
+    for r in rows:
+        assert {"name", "total_flops", "gpu_hours_reported", "implied_mfu"} <= set(r)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--gpu", "h900"], "unknown GPU 'h900'"),
+        (["--tokens", "-5"], "--tokens '-5' is not a count"),
+        (["--tokens", "lots"], "--tokens 'lots' is not a count"),
+        (["--mfu", "0"], "must be a fraction in (0, 1]"),
+        (["--mfu", "1.5"], "must be a fraction in (0, 1]"),
+        (["--gpu", "a100", "--precision", "fp8"], "no FP8 matmul peak"),
+        (["--from-run", "/nonexistent/run"], "no metrics.jsonl"),
+        (["--gpus", "0"], "--gpus 0 must be at least 1"),
+    ],
+)
+def test_cli_bad_input_exits_2(args, message, capsys):
+    assert main(["cost", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
