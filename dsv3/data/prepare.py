@@ -103,7 +103,7 @@ def prepare(
         if spool.documents == 0:
             if auditing.counts.get("dropped"):
                 raise Dsv3Error("the audit dropped every document, so nothing is left to prepare")
-            raise Dsv3Error(f"the corpus is empty: {described} holds no text; give files with text in them")
+            raise Dsv3Error(f"the corpus is empty: there is no text in {described}; give files with text in them")
 
         if given is None:
             log(f"training a byte-level BPE tokenizer with {vocab_size} tokens on {human(spool.bytes)}B of text")
