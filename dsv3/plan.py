@@ -1,0 +1,428 @@
+"""Memory planning: will a model fit, for training under a parallel layout or for serving?
+
+Everything is counted from the stored tensors (`model_weights`), so any `ModelConfig` can be planned.
+
+Serving: the weights (bf16, or FP8 with fp32 block scales as DeepSeek released them) are spread
+evenly over the GPUs (tensor + expert parallelism); what is left of each GPU's usable memory holds
+the latent cache, spread evenly too (each GPU caches the sequences its attention serves). "Usable"
+is a fraction of the memory (`memory_utilization`, 0.9 by default) because the CUDA context, the
+kernels' workspaces and allocator fragmentation take the rest.
+
+Training: `pp` pipeline stages each hold a contiguous run of blocks (the first also the embedding,
+the last the final norm, the head and the MTP modules); within a stage the `dp = gpus / pp` ranks
+split the routed experts `ep` ways and shard the rest ZeRO-style: stage 1 shards the optimizer
+state over the data-parallel ranks, 2 also the gradients, 3 also the weights (FSDP). Expert
+weights are sharded over the dp / ep ranks that hold the same experts. The default precisions
+are DeepSeek-V3's published recipe: fp32 master weights and gradients, bf16 AdamW moments, and
+matmuls reading a bf16 or FP8 copy of the weights. Activations are bf16 and an estimate: what each
+block keeps for its backward pass with a fused attention kernel (no T x T matrix), for the
+micro-batches a 1F1B pipeline schedule keeps in flight (pp - s on stage s), plus the fp32 logits
+of the output heads on the last stage; with full recomputation a block keeps only its input. The
+estimate assumes fused norms and a fused MoE combine: dsv3's own eager blocks keep 1.5-1.9x as much
+without recomputation (fp32 copies inside RMSNorm, the fp32 router and combine; tests/test_plan.py
+measures it from the tensors autograd saves).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from dsv3.config import ModelConfig
+from dsv3.errors import Dsv3Error
+from dsv3.hardware import GPUS, Accelerator
+
+FP8_BLOCK = 128  # DeepSeek's FP8 weights carry one fp32 scale per 128 x 128 block
+BYTES = {"fp32": 4, "bf16": 2, "fp8": 1}
+
+
+@dataclass(frozen=True)
+class Weight:
+    """`count` stored tensors of shape [rows, cols] (cols = 1 for a vector)."""
+
+    group: str  # embedding, attention, norm, dense_mlp, router, router_bias, shared_experts, routed_experts, head, mtp
+    rows: int
+    cols: int = 1
+    count: int = 1
+    fp8: bool = False  # an FP8 matrix in DeepSeek's release (attention, dense MLP, expert projections)
+    fp32: bool = False  # kept in fp32 whatever the precision (the router's selection bias)
+
+    @property
+    def numel(self) -> int:
+        return self.rows * self.cols * self.count
+
+    @property
+    def expert(self) -> bool:
+        return self.group == "routed_experts"
+
+    def nbytes(self, precision: str) -> float:
+        """Bytes stored at `precision` (fp32, bf16, or fp8: FP8 matrices in 1 byte + fp32 block scales, the
+        rest bf16)."""
+        if self.fp32:
+            return 4.0 * self.numel
+        if precision == "fp8":
+            if not self.fp8:
+                return 2.0 * self.numel
+            scales = math.ceil(self.rows / FP8_BLOCK) * math.ceil(self.cols / FP8_BLOCK) * self.count
+            return 1.0 * self.numel + 4.0 * scales
+        return float(BYTES[precision] * self.numel)
+
+
+def block_weights(cfg: ModelConfig, layer_idx: int) -> list[Weight]:
+    """The tensors of block `layer_idx`: norms, MLA, then a dense MLP or an MoE layer."""
+    d, H = cfg.hidden_size, cfg.num_attention_heads
+    out = [Weight("norm", d, count=2)]  # attention norm, ffn norm
+    if cfg.q_lora_rank is None:
+        out.append(Weight("attention", H * cfg.qk_head_dim, d, fp8=True))
+    else:
+        out += [
+            Weight("attention", cfg.q_lora_rank, d, fp8=True),
+            Weight("norm", cfg.q_lora_rank),
+            Weight("attention", H * cfg.qk_head_dim, cfg.q_lora_rank, fp8=True),
+        ]
+    out += [
+        Weight("attention", cfg.kv_lora_rank + cfg.qk_rope_head_dim, d, fp8=True),
+        Weight("norm", cfg.kv_lora_rank),
+        Weight("attention", H * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank, fp8=True),
+        Weight("attention", d, H * cfg.v_head_dim, fp8=True),
+    ]
+    if layer_idx < cfg.first_k_dense_replace:  # gate and up [I, d], down [d, I]
+        I = cfg.intermediate_size
+        return out + [Weight("dense_mlp", I, d, count=2, fp8=True), Weight("dense_mlp", d, I, fp8=True)]
+    E, I = cfg.n_routed_experts, cfg.moe_intermediate_size
+    out += [
+        Weight("router", E, d),
+        Weight("routed_experts", I, d, count=2 * E, fp8=True),
+        Weight("routed_experts", d, I, count=E, fp8=True),
+    ]
+    if cfg.uses_router_bias:
+        out.append(Weight("router_bias", E, fp32=True))
+    if cfg.n_shared_experts:
+        Is = cfg.n_shared_experts * I
+        out += [Weight("shared_experts", Is, d, count=2, fp8=True), Weight("shared_experts", d, Is, fp8=True)]
+    return out
+
+
+def embedding_weights(cfg: ModelConfig) -> list[Weight]:
+    return [Weight("embedding", cfg.vocab_size, cfg.hidden_size)]
+
+
+def head_weights(cfg: ModelConfig) -> list[Weight]:
+    """Final norm and output head."""
+    return [Weight("norm", cfg.hidden_size), Weight("head", cfg.vocab_size, cfg.hidden_size)]
+
+
+def mtp_weights(cfg: ModelConfig) -> list[Weight]:
+    """One MTP module: enorm, hnorm, eh_proj [d, 2d], a full block, its output norm (embedding and head shared)."""
+    d = cfg.hidden_size
+    extra = [Weight("mtp", d, count=3), Weight("mtp", d, 2 * d)]
+    return extra + block_weights(cfg, cfg.num_hidden_layers)
+
+
+def model_weights(cfg: ModelConfig, *, mtp: bool = True) -> list[Weight]:
+    """Every stored tensor of the model (MTP modules included when `mtp` and the config has them)."""
+    out = embedding_weights(cfg)
+    for i in range(cfg.num_hidden_layers):
+        out += block_weights(cfg, i)
+    out += head_weights(cfg)
+    if mtp:
+        for _ in range(cfg.num_nextn_predict_layers):
+            out += mtp_weights(cfg)
+    return out
+
+
+def numel(weights: list[Weight]) -> int:
+    return sum(w.numel for w in weights)
+
+
+def nbytes(weights: list[Weight], precision: str) -> float:
+    return sum(w.nbytes(precision) for w in weights)
+
+
+def _check_precision(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise Dsv3Error(f"{name} {value!r} is not one of: {', '.join(allowed)}")
+
+
+def _check_utilization(memory_utilization: float) -> None:
+    if not 0 < memory_utilization <= 1:
+        raise Dsv3Error(f"--memory-utilization {memory_utilization} must be a fraction in (0, 1]")
+
+
+# ----- serving ------------------------------------------------------------------------------------
+
+
+def cache_bytes_per_token(cfg: ModelConfig, precision: str = "bf16", *, mtp: bool = False) -> float:
+    """Latent cache per token: (kv_lora_rank + rope) numbers per layer. In fp8 the latent takes 1 byte a number
+    plus an fp32 scale per 128 numbers, while the RoPE key stays bf16 (rotated keys lose too much in FP8)."""
+    _check_precision("--cache", precision, ("bf16", "fp8"))
+    layers = cfg.num_hidden_layers + (cfg.num_nextn_predict_layers if mtp else 0)
+    c, r = cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    per_layer = 2 * (c + r) if precision == "bf16" else c + 4 * math.ceil(c / FP8_BLOCK) + 2 * r
+    return float(layers * per_layer)
+
+
+@dataclass(frozen=True)
+class ServePlan:
+    gpu: Accelerator
+    gpus: int
+    weights_precision: str
+    cache_precision: str
+    mtp: bool
+    memory_utilization: float
+    weight_bytes: float  # all GPUs together
+    cache_bytes_per_token: float
+    context: int
+    batch: int
+
+    @property
+    def usable_bytes_per_gpu(self) -> float:
+        return self.gpu.memory_bytes * self.memory_utilization
+
+    @property
+    def weight_bytes_per_gpu(self) -> float:
+        return self.weight_bytes / self.gpus
+
+    @property
+    def cache_budget_bytes(self) -> float:
+        """Memory left for the latent cache on all GPUs together (negative: the weights alone do not fit)."""
+        return self.gpus * self.usable_bytes_per_gpu - self.weight_bytes
+
+    @property
+    def cache_tokens(self) -> int:
+        """Tokens of latent cache that fit next to the weights."""
+        return max(0, int(self.cache_budget_bytes // self.cache_bytes_per_token))
+
+    @property
+    def needed_bytes(self) -> float:
+        """Weights plus the cache of `batch` sequences of `context` tokens."""
+        return self.weight_bytes + self.context * self.batch * self.cache_bytes_per_token
+
+    @property
+    def fits(self) -> bool:
+        return self.needed_bytes <= self.gpus * self.usable_bytes_per_gpu
+
+    def min_gpus(self, gpu: Accelerator) -> int:
+        """The fewest GPUs of type `gpu` that hold the weights and the asked-for cache."""
+        return max(1, math.ceil(self.needed_bytes / (gpu.memory_bytes * self.memory_utilization)))
+
+
+def plan_serving(
+    cfg: ModelConfig,
+    gpu: Accelerator,
+    gpus: int,
+    *,
+    weights: str = "fp8",
+    cache: str = "bf16",
+    context: int = 32768,
+    batch: int = 1,
+    mtp: bool = False,
+    memory_utilization: float = 0.9,
+) -> ServePlan:
+    """Memory for serving `cfg` on `gpus` GPUs; `mtp` keeps the MTP modules as a speculative-decoding draft."""
+    _check_precision("--weights", weights, ("bf16", "fp8"))
+    _check_utilization(memory_utilization)
+    if gpus < 1:
+        raise Dsv3Error(f"--gpus {gpus} must be at least 1")
+    if context < 1 or batch < 1:
+        raise Dsv3Error(f"--context {context} and --batch {batch} must be at least 1")
+    return ServePlan(
+        gpu=gpu, gpus=gpus, weights_precision=weights, cache_precision=cache, mtp=mtp,
+        memory_utilization=memory_utilization, weight_bytes=nbytes(model_weights(cfg, mtp=mtp), weights),
+        cache_bytes_per_token=cache_bytes_per_token(cfg, cache, mtp=mtp), context=context, batch=batch,
+    )
+
+
+def min_gpus_table(plan: ServePlan) -> dict[str, int]:
+    """The smallest count of each GPU in the table that serves what `plan` asks for."""
+    return {name: plan.min_gpus(g) for name, g in GPUS.items()}
+
+
+# ----- training -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How `gpus` GPUs split the training job (see the module docstring)."""
+
+    gpus: int
+    pp: int = 1  # pipeline stages
+    ep: int = 1  # expert-parallel degree, within each stage's data-parallel ranks
+    zero: int = 3  # 0: replicate; 1: shard optimizer state; 2: and gradients; 3: and weights (FSDP)
+    micro_batch: int = 1  # sequences per GPU per micro-step
+    seq_len: int = 4096
+
+    @property
+    def dp(self) -> int:
+        return self.gpus // self.pp
+
+    def check(self, cfg: ModelConfig) -> None:
+        if self.gpus < 1 or self.pp < 1 or self.ep < 1 or self.micro_batch < 1 or self.seq_len < 1:
+            raise Dsv3Error("--gpus, --pp, --ep, --micro-batch and --seq-len must all be at least 1")
+        if self.gpus % self.pp:
+            raise Dsv3Error(f"--gpus {self.gpus} must be a multiple of --pp {self.pp}")
+        if self.pp > cfg.num_hidden_layers:
+            raise Dsv3Error(f"--pp {self.pp} exceeds the model's {cfg.num_hidden_layers} blocks")
+        if self.dp % self.ep:
+            raise Dsv3Error(f"--ep {self.ep} must divide the {self.dp} data-parallel ranks of a stage (gpus / pp)")
+        if cfg.n_routed_experts % self.ep:
+            raise Dsv3Error(f"--ep {self.ep} must divide the model's {cfg.n_routed_experts} routed experts")
+        if self.zero not in (0, 1, 2, 3):
+            raise Dsv3Error(f"--zero {self.zero} must be 0, 1, 2 or 3")
+
+
+@dataclass(frozen=True)
+class TrainPrecision:
+    master: str = "fp32"  # the weights the optimizer updates
+    grads: str = "fp32"
+    moments: str = "bf16"  # each of AdamW's two moments
+    compute: str = "bf16"  # the copy of the weights the matmuls read: bf16, or fp8 for the FP8 matrices
+
+    def check(self) -> None:
+        _check_precision("--master-weights", self.master, ("fp32", "bf16"))
+        _check_precision("--grads", self.grads, ("fp32", "bf16"))
+        _check_precision("--moments", self.moments, ("fp32", "bf16"))
+        _check_precision("--compute", self.compute, ("bf16", "fp8"))
+
+
+def block_activation_numbers(cfg: ModelConfig, layer_idx: int) -> float:
+    """Numbers (in bf16 units) one block keeps per token for its backward pass without recomputation: the
+    inputs of its matmuls and norms, the attention kernel's q, k, v, output and softmax statistics."""
+    d, H = cfg.hidden_size, cfg.num_attention_heads
+    attn = (
+        2 * d  # attention norm input and output
+        + (2 * cfg.q_lora_rank if cfg.q_lora_rank else 0)  # compressed query before and after its norm
+        + 2 * cfg.kv_lora_rank + cfg.qk_rope_head_dim  # [c_kv ; k_pe] and the normalised c_kv
+        + H * (2 * cfg.qk_head_dim + cfg.v_head_dim)  # q, k, v as the attention kernel reads them
+        + H * cfg.v_head_dim  # attention output, the output projection's input
+        + 2 * H  # per-head log-sum-exp, fp32
+    )
+    ffn = 2 * d  # ffn norm input and output
+    if layer_idx < cfg.first_k_dense_replace:
+        return attn + ffn + 3 * cfg.intermediate_size  # gate and up outputs, their product
+    I, K = cfg.moe_intermediate_size, cfg.num_experts_per_tok
+    routed = K * (d + 3 * I + d)  # per routed copy: expert input, gate, up, product, expert output
+    return attn + ffn + 2 * cfg.n_routed_experts + routed + 3 * cfg.n_shared_experts * I  # router scores fp32
+
+
+@dataclass(frozen=True)
+class StageMemory:
+    """Bytes per GPU of one pipeline stage."""
+
+    stage: int
+    blocks: tuple[int, ...]  # block indices (MTP modules are numbered from num_hidden_layers)
+    master: float
+    grads: float
+    optimizer: float
+    working: float  # the compute copy of the weights and, when sharded, one block's gathered weights/gradients
+    activations: float  # without recomputation
+    activations_recompute: float  # with full recomputation
+
+    @property
+    def states(self) -> float:
+        return self.master + self.grads + self.optimizer + self.working
+
+    @property
+    def total(self) -> float:
+        return self.states + self.activations
+
+    @property
+    def total_recompute(self) -> float:
+        return self.states + self.activations_recompute
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    gpu: Accelerator
+    layout: Layout
+    precision: TrainPrecision
+    memory_utilization: float
+    stages: tuple[StageMemory, ...]
+
+    @property
+    def usable_bytes_per_gpu(self) -> float:
+        return self.gpu.memory_bytes * self.memory_utilization
+
+    def worst(self, recompute: bool) -> StageMemory:
+        return max(self.stages, key=lambda s: s.total_recompute if recompute else s.total)
+
+    def fits(self, recompute: bool) -> bool:
+        worst = self.worst(recompute)
+        return (worst.total_recompute if recompute else worst.total) <= self.usable_bytes_per_gpu
+
+
+def _split_blocks(n: int, parts: int) -> list[range]:
+    """n blocks into `parts` contiguous runs, the first n % parts runs one longer."""
+    out, start = [], 0
+    for p in range(parts):
+        size = n // parts + (1 if p < n % parts else 0)
+        out.append(range(start, start + size))
+        start += size
+    return out
+
+
+def plan_training(
+    cfg: ModelConfig,
+    gpu: Accelerator,
+    layout: Layout,
+    precision: TrainPrecision | None = None,
+    *,
+    memory_utilization: float = 0.9,
+) -> TrainPlan:
+    """Per-GPU memory of every pipeline stage when training `cfg` under `layout` (see the module docstring)."""
+    precision = precision or TrainPrecision()
+    precision.check()
+    layout.check(cfg)
+    _check_utilization(memory_utilization)
+    dp, ep, pp, zero = layout.dp, layout.ep, layout.pp, layout.zero
+    tokens = layout.micro_batch * layout.seq_len
+    L, D = cfg.num_hidden_layers, cfg.num_nextn_predict_layers
+
+    def per_gpu(weights: list[Weight], sharded: bool, bytes_of) -> float:
+        """Bytes on one GPU: experts split ep ways; when sharded, the rest over dp and experts over dp / ep."""
+        total = 0.0
+        for w in weights:
+            share = 1 / ep if w.expert else 1.0
+            if sharded:
+                share /= (dp // ep) if w.expert else dp
+            total += bytes_of(w) * share
+        return total
+
+    def plain(precision_name: str):
+        return lambda w: w.numel * (4 if w.fp32 else BYTES[precision_name])
+
+    stages = []
+    for s, blocks in enumerate(_split_blocks(L, pp)):
+        groups = [block_weights(cfg, i) for i in blocks]
+        if s == pp - 1:
+            groups += [mtp_weights(cfg) for _ in range(D)]
+        weights = [w for g in groups for w in g]
+        if s == 0:
+            weights += embedding_weights(cfg)
+        if s == pp - 1:
+            weights += head_weights(cfg)
+
+        master = per_gpu(weights, zero >= 3, plain(precision.master))
+        grads = per_gpu(weights, zero >= 2, plain(precision.grads))
+        optimizer = 2 * per_gpu(weights, zero >= 1, plain(precision.moments))
+        compute = lambda w: w.nbytes(precision.compute)  # noqa: E731
+        largest = max(groups, key=lambda g: per_gpu(g, False, compute))
+        if zero >= 3:  # the block being computed and the one being prefetched, gathered
+            working = 2 * per_gpu(largest, False, compute)
+        elif precision.compute != precision.master:  # a cast copy of the whole stage
+            working = per_gpu(weights, False, compute)
+        else:
+            working = 0.0
+        if zero >= 2:  # one block's gradients, whole until they are reduce-scattered
+            working += per_gpu(largest, False, plain(precision.grads))
+
+        in_flight = pp - s  # 1F1B: stage s holds the activations of pp - s micro-batches
+        block_ids = list(blocks) + ([L + k for k in range(D)] if s == pp - 1 else [])
+        numbers = [block_activation_numbers(cfg, i) for i in block_ids]
+        full = 2.0 * tokens * sum(numbers) * in_flight
+        kept = 2.0 * tokens * cfg.hidden_size * len(numbers) * in_flight + 2.0 * tokens * max(numbers)
+        if s == pp - 1:  # fp32 logits of the main head and every MTP head, for the cross-entropy
+            logits = 4.0 * tokens * cfg.vocab_size * (1 + D)
+            full, kept = full + logits, kept + logits
+        stages.append(StageMemory(s, tuple(block_ids), master, grads, optimizer, working, full, kept))
+    return TrainPlan(gpu, layout, precision, memory_utilization, tuple(stages))

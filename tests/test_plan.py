@@ -1,0 +1,199 @@
+"""Memory planning: the tensor inventory against the real model and DESIGN's counts, the known serving
+answers for DeepSeek-V3, training layouts, and the command."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from dsv3 import DeepSeekV3, preset
+from dsv3.cli import main
+from dsv3.errors import Dsv3Error
+from dsv3.hardware import GPUS
+from dsv3.plan import (
+    Layout,
+    TrainPrecision,
+    block_activation_numbers,
+    block_weights,
+    cache_bytes_per_token,
+    min_gpus_table,
+    model_weights,
+    mtp_weights,
+    numel,
+    plan_serving,
+    plan_training,
+)
+
+GiB = 2**30
+
+
+def test_inventory_matches_design_counts():
+    v3 = preset("v3")
+    assert numel(model_weights(v3, mtp=False)) == 671_026_419_200
+    assert numel(model_weights(v3)) == 682_636_487_424
+    assert numel(mtp_weights(v3)) == 11_610_068_224
+    mla = [w for w in block_weights(v3, 10) if w.group == "attention" or (w.group == "norm" and w.rows != 7168)]
+    assert numel(mla) == 187_107_328
+    routed = [w for w in block_weights(v3, 10) if w.expert]
+    assert numel(routed) == 256 * 44_040_192
+    # The Hub's 684,531,386,000: main + MTP, MTP's copies of the embedding and head, and one fp32 scale per
+    # 128 x 128 block of every FP8 matrix; the scale bytes are what nbytes("fp8") adds beyond 1 byte a weight.
+    ws = model_weights(v3)
+    fp8 = [w for w in ws if w.fp8]
+    scale_bytes = sum(w.nbytes("fp8") for w in fp8) - numel(fp8)
+    assert numel(ws) + 2 * 129280 * 7168 + scale_bytes / 4 == 684_531_386_000
+
+
+@pytest.mark.parametrize("name", ["tiny", "small", "v2-lite", "v3"])
+def test_inventory_matches_the_real_model(name):
+    cfg = preset(name)
+    with torch.device("meta"):
+        model = DeepSeekV3(cfg)
+    state = model.state_dict()
+    assert numel(model_weights(cfg)) == sum(t.numel() for t in state.values())
+    fp32 = sum(t.numel() for k, t in state.items() if k.endswith("gate.bias"))
+    assert fp32 == sum(w.numel for w in model_weights(cfg) if w.fp32)
+
+
+def test_v3_fp8_serves_on_8_h200_not_on_8_h100():
+    v3 = preset("v3")
+    h200 = plan_serving(v3, GPUS["h200"], 8, weights="fp8")
+    h100 = plan_serving(v3, GPUS["h100"], 8, weights="fp8")
+    assert h200.fits and not h100.fits
+    assert h100.cache_tokens == 0
+    assert 600 * GiB < h200.weight_bytes < 640 * GiB  # ~671B one-byte weights + bf16 embedding/head + scales
+    assert h200.cache_tokens * h200.cache_bytes_per_token <= h200.cache_budget_bytes
+    assert not plan_serving(v3, GPUS["h200"], 8, weights="bf16").fits  # 1.34 TB of bf16 weights
+    table = min_gpus_table(h200)
+    assert table["h200"] <= 8 < table["h100"] and table["b200"] <= table["h200"]
+
+
+def test_min_gpus_is_the_smallest_count_that_fits():
+    v3 = preset("v3")
+    for gpu in GPUS.values():
+        ask = dict(weights="fp8", cache="fp8", context=131072, batch=16)
+        n = plan_serving(v3, gpu, 1, **ask).min_gpus(gpu)
+        assert plan_serving(v3, gpu, n, **ask).fits
+        assert n == 1 or not plan_serving(v3, gpu, n - 1, **ask).fits
+
+
+def test_latent_cache_bytes():
+    v3 = preset("v3")
+    assert cache_bytes_per_token(v3) == 70_272  # 61 layers x 576 numbers x 2 bytes (DESIGN section 3)
+    assert cache_bytes_per_token(v3, "fp8") == 61 * (512 + 4 * 4 + 2 * 64)
+    assert cache_bytes_per_token(v3, mtp=True) == 62 * 576 * 2
+    plan = plan_serving(v3, GPUS["h200"], 8, context=4096, batch=10)
+    assert plan.needed_bytes == plan.weight_bytes + 4096 * 10 * 70_272
+
+
+def test_training_states_follow_the_zero_stage():
+    cfg = preset("small")
+    n = numel(model_weights(cfg))
+    fp32_bias = sum(w.numel for w in model_weights(cfg) if w.fp32)
+    full = plan_training(cfg, GPUS["h100"], Layout(8, zero=0)).stages[0]
+    assert full.master == 4 * n and full.grads == 4 * n
+    assert full.optimizer == 2 * (2 * (n - fp32_bias) + 4 * fp32_bias)  # two bf16 moments; the bias stays fp32
+    for zero in (1, 2, 3):
+        s = plan_training(cfg, GPUS["h100"], Layout(8, zero=zero)).stages[0]
+        assert s.optimizer == pytest.approx(full.optimizer / 8)
+        assert s.grads == pytest.approx(full.grads / (8 if zero >= 2 else 1))
+        assert s.master == pytest.approx(full.master / (8 if zero >= 3 else 1))
+    # experts split 4 ways and then sharded over the 2 ranks holding the same experts: still 1/8 of everything
+    ep = plan_training(cfg, GPUS["h100"], Layout(8, ep=4, zero=3)).stages[0]
+    assert ep.master == pytest.approx(full.master / 8)
+    # without sharding, expert parallelism alone divides only the experts
+    ep0 = plan_training(cfg, GPUS["h100"], Layout(8, ep=4, zero=0)).stages[0]
+    experts = sum(w.numel for w in model_weights(cfg) if w.expert)
+    assert ep0.master == pytest.approx(4 * (n - experts + experts / 4))
+
+
+def test_pipeline_stages_and_activations():
+    v3 = preset("v3")
+    plan = plan_training(v3, GPUS["h800"], Layout(2048, pp=16, ep=64, zero=1), TrainPrecision(compute="fp8"))
+    blocks = [i for s in plan.stages for i in s.blocks]
+    assert blocks == list(range(62))  # 61 blocks, then the MTP module on the last stage
+    assert all(s.activations_recompute < s.activations for s in plan.stages)
+    assert plan.fits(recompute=True)
+    one = plan_training(v3, GPUS["h800"], Layout(2048, pp=16, ep=64, zero=1, micro_batch=1)).stages[1]
+    two = plan_training(v3, GPUS["h800"], Layout(2048, pp=16, ep=64, zero=1, micro_batch=2)).stages[1]
+    assert two.activations == pytest.approx(2 * one.activations)  # a middle stage: no logits
+    assert one.activations == pytest.approx(2 * 4096 * 15 * sum(block_activation_numbers(v3, i) for i in one.blocks))
+
+
+def test_activation_estimate_against_what_the_eager_model_keeps():
+    """The estimate counts what a fused implementation keeps; dsv3's eager blocks keep more (fp32 copies in
+    RMSNorm, the fp32 router and combine), measured here from the tensors autograd saves: 1-2.5x the estimate."""
+    cfg = dataclasses.replace(preset("small"), num_hidden_layers=2)
+    model = DeepSeekV3(cfg).to(torch.bfloat16)
+    model.init_weights()
+    B, T = 2, 128
+    positions = torch.arange(T).expand(B, T)
+    rope = model.rope(positions)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()} | {
+        t.untyped_storage().data_ptr() for t in rope
+    }
+    for i, block in enumerate(model.layers):
+        saved = {}
+
+        def pack(t, saved=saved):
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in params:
+                saved[ptr] = t.untyped_storage().nbytes()
+            return t
+
+        x = torch.randn(B, T, cfg.hidden_size, dtype=torch.bfloat16, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            block(x, rope, positions)
+        ratio = sum(saved.values()) / (2 * B * T * block_activation_numbers(cfg, i))
+        assert 1.0 <= ratio < 2.5, (i, ratio)
+
+
+def test_layout_errors():
+    v3 = preset("v3")
+    with pytest.raises(Dsv3Error, match="multiple of --pp"):
+        plan_training(v3, GPUS["h800"], Layout(10, pp=4))
+    with pytest.raises(Dsv3Error, match="--ep 3 must divide"):
+        plan_training(v3, GPUS["h800"], Layout(12, ep=3))
+    with pytest.raises(Dsv3Error, match="--ep 512 must divide the model's 256 routed experts"):
+        plan_training(v3, GPUS["h800"], Layout(1024, ep=512))
+    with pytest.raises(Dsv3Error, match="--memory-utilization"):
+        plan_serving(v3, GPUS["h200"], 8, memory_utilization=1.5)
+
+
+# ----- the command ------------------------------------------------------------------------------------
+
+
+def test_cli_serve(capsys):
+    assert main(["plan", "serve", "--preset", "v3", "--gpu", "h200", "--gpus", "8", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["fits"] and out["min_gpus"]["h200"] <= 8 and out["cache_bytes_per_token"] == 70_272
+    assert main(["plan", "serve", "--preset", "v3", "--gpu", "h100", "--gpus", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "does NOT fit" in out and "GiB" in out and "h200" in out
+
+
+def test_cli_train(capsys):
+    args = ["plan", "train", "--preset", "v3", "--gpu", "h800", "--gpus", "2048", "--pp", "16", "--ep", "64",
+            "--zero", "1", "--compute", "fp8"]
+    assert main([*args, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["fits"]["full_recompute"] and len(out["stages"]) == 16 and out["dp"] == 128
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "full recomputation" in out and "AdamW moments (2 x bf16)" in out and "working weights (fp8)" in out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["serve", "--gpu", "tpu"], "unknown GPU 'tpu'"),
+        (["serve", "--gpus", "0"], "--gpus 0 must be at least 1"),
+        (["train", "--pp", "3"], "must be a multiple of --pp 3"),
+        (["serve", "--config", "/nonexistent/config.json"], "no config file"),
+    ],
+)
+def test_cli_bad_input_exits_2(args, message, capsys):
+    assert main(["plan", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
