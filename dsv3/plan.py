@@ -389,7 +389,11 @@ def plan_training(
         return total
 
     def plain(precision_name: str):
+        """Bytes of a weight stored at a plain dtype (the fp32 router bias stays fp32)."""
         return lambda w: w.numel * (4 if w.fp32 else BYTES[precision_name])
+
+    def compute(w: Weight) -> float:
+        return w.nbytes(precision.compute)
 
     stages = []
     for s, blocks in enumerate(_split_blocks(L, pp)):
@@ -405,7 +409,6 @@ def plan_training(
         master = per_gpu(weights, zero >= 3, plain(precision.master))
         grads = per_gpu(weights, zero >= 2, plain(precision.grads))
         optimizer = 2 * per_gpu(weights, zero >= 1, plain(precision.moments))
-        compute = lambda w: w.nbytes(precision.compute)  # noqa: E731
         largest = max(groups, key=lambda g: per_gpu(g, False, compute))
         if zero >= 3:  # the block being computed and the one being prefetched, gathered
             working = 2 * per_gpu(largest, False, compute)
