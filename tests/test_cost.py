@@ -113,6 +113,15 @@ def test_cli_json(capsys):
     assert sum(out["flops_per_token_breakdown"].values()) == pytest.approx(out["flops_per_token"])
 
 
+def test_cli_model_dir_matches_preset(tmp_path, capsys):
+    preset("small").save(tmp_path / "config.json")
+    common = ["--tokens", "1B", "--seq-len", "1024", "--gpu", "h100", "--mfu", "0.4", "--json"]
+    assert main(["cost", "--model", str(tmp_path), *common]) == 0
+    from_dir = json.loads(capsys.readouterr().out)
+    assert main(["cost", "--preset", "small", *common]) == 0
+    assert from_dir["total_flops"] == json.loads(capsys.readouterr().out)["total_flops"]
+
+
 def test_cli_table_from_run_and_cpu(tmp_path, capsys):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "mfu": 0.9}\n{"step": 2, "mfu": 0.2}\n')
     assert main(["cost", "--preset", "tiny", "--tokens", "1M", "--seq-len", "256", "--gpu", "cpu", "--gpus", "1",
