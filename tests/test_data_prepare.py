@@ -261,3 +261,10 @@ def test_cli_errors_are_one_sentence_and_exit_2(tmp_path, capsys, monkeypatch, a
     err = capsys.readouterr().err
     assert err.startswith("dsv3 prepare: error: ") and err.count("\n") == 1
     assert __import__("re").search(message, err), err
+
+
+def test_output_inside_a_source_folder_is_not_read_back(corpus, tmp_path):
+    first = prepare([str(corpus)], corpus / "data", vocab_size=VOCAB, log=quiet)
+    (corpus / "new.txt").write_text("one more document")
+    again = prepare([str(corpus)], corpus / "data", vocab_size=VOCAB, log=quiet)
+    assert again.documents == first.documents + 1

@@ -73,6 +73,8 @@ def prepare(
     if not 0 < val_fraction < 0.5:
         raise Dsv3Error(f"--val-fraction {val_fraction} must lie between 0 and 0.5")
     files = resolve(sources) if sources else None
+    if files is not None:  # a source folder that holds `out` must not read the shards back in
+        files = [f for f in files if not _inside(f, out)]
     given = Tokenizer.from_file(tokenizer) if tokenizer is not None else None
     settings = {
         "tokenizer": given.sha256() if given else None,
@@ -162,6 +164,10 @@ def _existing(out: str) -> DatasetInfo | None:
         return DatasetInfo.load(out)
     except Dsv3Error:
         return None
+
+
+def _inside(path: str, folder: str) -> bool:
+    return os.path.commonpath([os.path.abspath(path), os.path.abspath(folder)]) == os.path.abspath(folder)
 
 
 def _describe(files: Sequence[str]) -> str:

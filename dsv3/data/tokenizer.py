@@ -57,6 +57,8 @@ class Tokenizer:
         self.eos_id = self._id(eos_token)
         self.bos_id = self._id(bos_token) if bos_token is not None else None
         self.pad_id = self._id(pad_token) if pad_token is not None else None
+        # largest id + 1: the embedding rows a model needs to accept every id this tokenizer makes
+        self.vocab_size = max(backend.get_vocab(with_added_tokens=True).values()) + 1
         # what save() writes as tokenizer_config.json: the file this tokenizer came with (chat template
         # and all), or the minimum transformers needs
         self.config = config or {
@@ -138,11 +140,6 @@ class Tokenizer:
         atomic_write_text(os.path.join(directory, CONFIG_FILE), config)
 
     # ----- use ---------------------------------------------------------------------------------------
-    @property
-    def vocab_size(self) -> int:
-        """Largest token id + 1: the embedding rows a model needs to accept every id this tokenizer makes."""
-        return max(self.backend.get_vocab(with_added_tokens=True).values()) + 1
-
     def encode(self, text: str, bos: bool = False) -> list[int]:
         ids = self.backend.encode(text, add_special_tokens=False).ids
         return [self.bos_id, *ids] if bos and self.bos_id is not None else ids
