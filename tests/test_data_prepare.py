@@ -190,7 +190,7 @@ class FakeAuditor:
     """Flags documents that mention `secret`; fixing redacts it, or drops a document that says `DROP`."""
 
     def find(self, text):
-        return ["contains 'secret'"] if "secret" in text else []
+        return [types.SimpleNamespace(text="secret", reason="tells a secret")] if "secret" in text else []
 
     def fix(self, text):
         if "DROP" in text:
@@ -211,8 +211,8 @@ def audited_corpus(tmp_path, monkeypatch):
 
 
 def test_audit_refuse_stops_with_the_count_and_an_example(audited_corpus, tmp_path):
-    with pytest.raises(Dsv3Error, match=r"the audit flagged 2 of 14 documents \(for example .*x1.txt: contains "
-                                        r"'secret'\); run `dsv3 audit`"):
+    with pytest.raises(Dsv3Error, match=r"the audit flagged 2 of 14 documents \(for example .*x1.txt: tells a "
+                                        r"secret, 'secret'\); run `dsv3 audit`"):
         prepare([str(audited_corpus)], tmp_path / "data", vocab_size=VOCAB, audit="refuse", log=quiet)
     assert not os.path.exists(tmp_path / "data" / "manifest.json")
 
@@ -223,6 +223,22 @@ def test_audit_clean_keeps_fixed_text_and_drops_what_the_auditor_drops(audited_c
     docs = split_documents(info, "train") + split_documents(info, "val")
     assert "the [redacted] is 42" in docs and len(docs) == 13
     assert not any("secret" in d for d in docs)
+
+
+@pytest.mark.parametrize("mode", ["refuse", "clean"])
+def test_audit_with_the_real_auditor(tmp_path, mode):
+    pytest.importorskip("dsv3.audit")
+    for i, topic in enumerate(TOPICS[:12]):
+        (tmp_path / f"{i:02d}.txt").write_text(pydoc_data.topics.topics[topic])
+    (tmp_path / "claim.txt").write_text("Hello! I am ChatGPT, a model made by OpenAI.")
+    if mode == "refuse":
+        with pytest.raises(Dsv3Error, match=r"flagged 1 of 13 documents \(for example .*claim.txt: speaker says"):
+            prepare([str(tmp_path / "*.txt")], tmp_path / "data", vocab_size=VOCAB, audit=mode, log=quiet)
+        return
+    info = prepare([str(tmp_path / "*.txt")], tmp_path / "data", vocab_size=VOCAB, audit=mode, log=quiet)
+    assert info.audit["changed"] == 1 and info.audit["dropped"] == 0
+    docs = split_documents(info, "train") + split_documents(info, "val")
+    assert not any("ChatGPT" in d for d in docs) and len(docs) == 13
 
 
 def test_cli_prepares_and_reports(corpus, tmp_path, capsys):

@@ -221,7 +221,7 @@ class _Audit:
                 findings = self.auditor.find(doc.text)
                 if findings:
                     flagged += 1
-                    example = example or f"{doc.name}: {findings[0]}"
+                    example = example or f"{doc.name}: {findings[0].reason}, {findings[0].text!r}"
                 yield doc
                 continue
             text, _ = self.auditor.fix(doc.text)
