@@ -106,6 +106,6 @@ def test_builtin_corpus_is_documentation_and_stdlib_source():
     docs = list(builtin.documents())
     names = [d.name for d in docs]
     assert names[0].startswith("pydoc:") and names[-1].startswith("stdlib:")
-    assert len(set(names)) == len(docs) > 400
+    assert len(set(names)) == len(docs) > 400 and all(d.text for d in docs)
     assert sum(len(d.text.encode()) for d in docs) > 5_000_000
     json.dumps(builtin.stat_key())  # identifies the corpus in plain JSON

@@ -69,10 +69,12 @@ def stat_key() -> list:
 
 
 def documents() -> Iterator[Document]:
-    """The corpus as documents named `pydoc:<topic>` and `stdlib:<path>`."""
+    """The corpus as documents named `pydoc:<topic>` and `stdlib:<path>`; empty files are skipped."""
     for topic in sorted(pydoc_data.topics.topics):
         yield Document(f"pydoc:{topic}", pydoc_data.topics.topics[topic])
     root = stdlib_dir()
     for rel in corpus_files():
         with open(os.path.join(root, rel), encoding="utf-8") as f:
-            yield Document(f"stdlib:{rel}", f.read())
+            text = f.read()
+        if text:
+            yield Document(f"stdlib:{rel}", text)
