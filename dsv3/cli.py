@@ -19,6 +19,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("dsv3.commands.prepare", "tokenize a corpus into token shards (built-in corpus, files, JSONL)"),
     "convert": ("dsv3.commands.convert", "convert a checkpoint (FP8 -> bf16, re-shard, change dtype)"),
     "generate": ("dsv3.commands.generate", "continue a prompt with a model"),
+    "chat": ("dsv3.commands.chat", "chat with a model in the terminal"),
+    "serve": ("dsv3.commands.serve", "serve a model over an OpenAI-compatible HTTP API"),
     "cost": ("dsv3.commands.cost", "FLOPs, GPU-hours and dollars to train a model; DeepSeek-V3's figures reproduced"),
     "plan": ("dsv3.commands.plan", "will it fit: per-GPU memory for training and serving, smallest GPU counts"),
 }
