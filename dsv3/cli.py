@@ -17,6 +17,7 @@ from dsv3.errors import Dsv3Error
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("dsv3.commands.info", "parameters, active parameters, cache bytes and FLOPs of a model"),
     "prepare": ("dsv3.commands.prepare", "tokenize a corpus into token shards (built-in corpus, files, JSONL)"),
+    "audit": ("dsv3.commands.audit", "find (and fix) other models' self-identification in a corpus"),
     "convert": ("dsv3.commands.convert", "convert a checkpoint (FP8 -> bf16, re-shard, change dtype)"),
     "generate": ("dsv3.commands.generate", "continue a prompt with a model"),
     "chat": ("dsv3.commands.chat", "chat with a model in the terminal"),
