@@ -2,7 +2,8 @@
 
 Documents are packed back to back without padding or cross-document masking, as DeepSeek-V3 trains;
 EOS tells the model where one document ends. The validation split holds whole documents, chosen by
-a hash of their names, so it does not depend on the order of the input and adding a file moves few
+a hash of their names (paths relative to the corpus folder, `file.jsonl:LINE` for records), so it does
+not depend on the order of the input or on where the corpus lives, and adding a file moves few
 documents between splits.
 """
 
@@ -108,6 +109,24 @@ def choose_validation(lengths: np.ndarray, keys: np.ndarray, fraction: float) ->
     return is_val
 
 
+def plan_split(lengths: np.ndarray, keys: np.ndarray, fraction: float) -> dict[str, dict]:
+    """Where each split's tokens lie in the stream: {"train": {"documents": n, "ranges": [(start, end)]},
+    "val": {..., "held_out": how}}. A corpus of one document cannot be split by document: the end of
+    that document is held out instead."""
+    total = int(lengths.sum())
+    if len(lengths) == 1:
+        cut = total - validation_target(total, fraction)
+        return {"train": {"documents": 1, "ranges": [(0, cut)]},
+                "val": {"documents": 0, "ranges": [(cut, total)], "held_out": "the end of the only document"}}
+    is_val = choose_validation(lengths, keys, fraction)
+    ranges = split_ranges(lengths, is_val)
+    return {
+        "train": {"documents": int((~is_val).sum()), "ranges": [(a, b) for a, b, s in ranges if s == "train"]},
+        "val": {"documents": int(is_val.sum()), "ranges": [(a, b) for a, b, s in ranges if s == "val"],
+                "held_out": "whole documents"},
+    }
+
+
 def split_ranges(lengths: np.ndarray, is_val: np.ndarray) -> list[tuple[int, int, str]]:
     """(start, end, split) ranges of the token stream, merging neighbouring documents of one split."""
     ends = np.cumsum(lengths)
@@ -152,13 +171,15 @@ class ShardWriter:
             self._file = None
 
 
-def write_shards(stream: np.ndarray, ranges: list[tuple[int, int, str]], directory: str,
+def write_shards(stream: np.ndarray, splits: dict[str, dict], directory: str,
                  shard_tokens: int = SHARD_TOKENS) -> dict[str, list[dict]]:
-    """Copy each range of `stream` into its split's shards; returns the shard list of each split."""
-    writers = {split: ShardWriter(directory, split, shard_tokens) for split in ("train", "val")}
-    for start, end, split in ranges:
-        for s in range(start, end, COPY_TOKENS):
-            writers[split].write(np.asarray(stream[s:min(s + COPY_TOKENS, end)]))
-    for w in writers.values():
-        w.close()
-    return {split: w.shards for split, w in writers.items()}
+    """Copy each split's ranges of `stream` (see `plan_split`) into its shards; returns their list per split."""
+    shards = {}
+    for split, plan in splits.items():
+        writer = ShardWriter(directory, split, shard_tokens)
+        for start, end in plan["ranges"]:
+            for s in range(start, end, COPY_TOKENS):
+                writer.write(np.asarray(stream[s:min(s + COPY_TOKENS, end)]))
+        writer.close()
+        shards[split] = writer.shards
+    return shards

@@ -25,15 +25,7 @@ import numpy as np
 
 from dsv3.data import builtin
 from dsv3.data.dataset import FORMAT, MANIFEST, DatasetInfo, token_dtype
-from dsv3.data.pack import (
-    SHARD_TOKENS,
-    choose_validation,
-    name_key,
-    split_ranges,
-    tokenize,
-    validation_target,
-    write_shards,
-)
+from dsv3.data.pack import SHARD_TOKENS, name_key, plan_split, tokenize, write_shards
 from dsv3.data.sources import Document, read, resolve, stat_key
 from dsv3.data.tokenizer import CONFIG_FILE, TOKENIZER_FILE, Tokenizer
 from dsv3.errors import Dsv3Error
@@ -99,7 +91,8 @@ def prepare(
     with tempfile.TemporaryDirectory(prefix=TMP_PREFIX, dir=out) as tmp:
         log(f"reading {described}")
         docs = builtin.documents() if files is None else read(files, text_field)
-        spool = _Spool(os.path.join(tmp, "documents.spool"))
+        root = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files]) if files else None
+        spool = _Spool(os.path.join(tmp, "documents.spool"), root)
         auditing = _Audit(audit)
         spool.fill(auditing.apply(docs), progress)
         if spool.documents == 0:
@@ -120,26 +113,14 @@ def prepare(
             lengths = tokenize(spool.texts(), tok, stream_path, dtype, on_text=bar.update)
         stream = np.memmap(stream_path, dtype=dtype, mode="r")
         total = len(stream)
-        if len(lengths) > 1:
-            is_val = choose_validation(lengths, np.asarray(spool.keys, dtype=np.uint64), val_fraction)
-            ranges = split_ranges(lengths, is_val)
-            counts = {"train": int((~is_val).sum()), "val": int(is_val.sum())}
-            held_out = "whole documents"
-        else:  # one document cannot be split by document: hold out its end
-            cut = total - validation_target(total, val_fraction)
-            ranges = [(0, cut, "train"), (cut, total, "val")]
-            counts = {"train": 1, "val": 0}
-            held_out = "the end of the only document"
-        shards = write_shards(stream, ranges, tmp, shard_tokens)
+        splits = plan_split(lengths, np.asarray(spool.keys, dtype=np.uint64), val_fraction)
+        shards = write_shards(stream, splits, tmp, shard_tokens)
         del stream  # release the map before the folder goes
         tok.save(tmp)
-
-        splits = {
-            split: {"documents": counts[split], "tokens": sum(s["tokens"] for s in shards[split]),
-                    "shards": shards[split]}
-            for split in ("train", "val")
-        }
-        splits["val"]["held_out"] = held_out
+        for split in ("train", "val"):
+            del splits[split]["ranges"]  # positions in the stream, which is not kept
+            splits[split]["tokens"] = sum(s["tokens"] for s in shards[split])
+            splits[split]["shards"] = shards[split]
         info = DatasetInfo(
             path=out, dtype=dtype.name, vocab_size=tok.vocab_size, eos_id=tok.eos_id, bos_id=tok.bos_id,
             tokenizer_sha256=tok.sha256(), fingerprint=fingerprint, content_sha256=spool.sha256.hexdigest(),
@@ -171,7 +152,7 @@ def _inside(path: str, folder: str) -> bool:
 
 
 def _describe(files: Sequence[str]) -> str:
-    return files[0] if len(files) == 1 else f"{len(files)} files"
+    return files[0] if len(files) == 1 else f"{len(files)} files"  # "0 files": only the output folder
 
 
 def _remove_leftovers(out: str) -> None:
@@ -243,11 +224,12 @@ class _Spool:
     """The documents, read (and audited) once, kept in a temporary file for the tokenizer's two passes.
 
     Each record is an 8-byte little-endian length and the UTF-8 text. Document names are kept only as
-    64-bit hashes, which is all the validation split needs.
+    64-bit hashes, which is all the validation split needs; `root` is cut off the front of a name first,
+    so that the split does not depend on where the corpus lives.
     """
 
-    def __init__(self, path: str):
-        self.path = path
+    def __init__(self, path: str, root: str | None):
+        self.path, self.root = path, root
         self.documents = self.bytes = self.chars = 0
         self.keys: list[int] = []
         self.sha256 = hashlib.sha256()
@@ -260,7 +242,7 @@ class _Spool:
                 f.write(header)
                 f.write(data)
                 self.sha256.update(header + data)
-                self.keys.append(name_key(doc.name))
+                self.keys.append(name_key(os.path.relpath(doc.name, self.root) if self.root else doc.name))
                 self.documents += 1
                 self.bytes += len(data)
                 self.chars += len(doc.text)
