@@ -16,6 +16,7 @@ from dsv3.cli import main
 from dsv3.data import DatasetInfo
 from dsv3.data import pack as pack_module
 from dsv3.data.dataset import token_dtype
+from dsv3.data.pack import pieces
 from dsv3.data.prepare import prepare
 from dsv3.errors import Dsv3Error
 
@@ -164,8 +165,11 @@ def test_long_documents_are_encoded_in_pieces_with_the_same_ids(corpus, tmp_path
     whole = prepare([str(corpus)], tmp_path / "a", vocab_size=VOCAB, log=quiet)
     monkeypatch.setattr(pack_module, "CHUNK_CHARS", 300)
     monkeypatch.setattr(pack_module, "BATCH_CHARS", 5000)
+    calls = []
+    monkeypatch.setattr(pack_module, "pieces", lambda text, size: calls.append(pieces(text, size)) or calls[-1])
     cut = prepare([str(corpus)], tmp_path / "b", tokenizer=tmp_path / "a", log=quiet)
     assert np.array_equal(split_tokens(cut, "train"), split_tokens(whole, "train"))
+    assert len(calls) == 40 and sum(map(len, calls)) > 200  # most documents were encoded in many pieces
 
 
 def test_empty_corpus_is_refused(tmp_path):

@@ -47,8 +47,9 @@ def run(args: argparse.Namespace) -> int:
                    text_field=args.text_field, val_fraction=args.val_fraction, audit=args.audit)
     if model is not None:
         check_vocab(info, model)
-    if info.audit:
-        a = info.audit
-        print(f"audit ({a['mode']}): {a['documents']} documents checked, {a['changed']} cleaned, "
-              f"{a['dropped']} dropped")
+    a = info.audit
+    if a.get("mode") == "refuse":
+        print(f"audit: {a['documents']} documents checked, none flagged")
+    elif a.get("mode") == "clean":
+        print(f"audit: {a['documents']} documents checked, {a['changed']} cleaned, {a['dropped']} dropped")
     return 0

@@ -58,7 +58,7 @@ def tokenize(texts: Iterable[str], tokenizer: Tokenizer, path: str, dtype: np.dt
     lengths: list[int] = []
     with open(path, "wb") as out:
         for batch in _batches(texts):
-            cut = [pieces(text) for text in batch]
+            cut = [pieces(text, CHUNK_CHARS) for text in batch]
             encoded = iter(tokenizer.encode_batch([p for ps in cut for p in ps]))
             flat: list[int] = []
             for ps in cut:
