@@ -296,3 +296,32 @@ def test_validation_documents_do_not_depend_on_where_the_corpus_lives(corpus, tm
     b = prepare([str(tmp_path / "moved" / "*"), str(tmp_path / "moved" / "more")], tmp_path / "b",
                 vocab_size=VOCAB, log=quiet)
     assert sorted(split_documents(a, "val")) == sorted(split_documents(b, "val"))
+
+
+KILLED_CHILD = """
+import sys
+from dsv3.data.prepare import prepare
+print("ready", flush=True)
+prepare([sys.argv[1]], sys.argv[2], vocab_size=int(sys.argv[3]), log=lambda _: None)
+print("done", flush=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("delay", [0.0, 0.15, 0.3])
+def test_sigkill_at_any_moment_never_leaves_a_dataset_that_looks_complete(corpus, tmp_path, delay):
+    out = tmp_path / "data"
+    old = prepare([str(corpus)], out, vocab_size=VOCAB, log=quiet)
+    child = subprocess.Popen([sys.executable, "-c", KILLED_CHILD, str(corpus), str(out), str(VOCAB + 50)],
+                             stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline() == "ready\n"
+    time.sleep(delay)
+    child.kill()
+    child.wait()
+    if os.path.exists(out / "manifest.json"):  # the old dataset, or the new one whole
+        info = DatasetInfo.load(out)
+        assert info == old or (info.vocab_size == VOCAB + 50 and info.is_complete())
+    again = prepare([str(corpus)], out, vocab_size=VOCAB + 50, log=quiet)
+    assert again.is_complete() and sorted(os.listdir(out)) == ["manifest.json", "tokenizer.json",
+                                                              "tokenizer_config.json", "train-00000.bin",
+                                                              "val-00000.bin"]
