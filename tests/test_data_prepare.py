@@ -4,7 +4,9 @@ dtypes, atomic replacement, the audit hook, and the CLI's errors."""
 import json
 import os
 import pydoc_data.topics
+import subprocess
 import sys
+import time
 import types
 
 import numpy as np
