@@ -39,6 +39,11 @@ AMBIGUOUS_ORGS = [
     "tencent", "bytedance", "huawei", "inflection", "moonshot", "mistral",
 ]
 
+# Parts of spaced-out names too common to start the slow path on their own ("Google Research" is
+# looked for when "google" is seen, not "research").
+COMMON_WORDS = ["text", "open", "chat", "command", "research", "cloud", "labs", "face", "assistant", "bot",
+                "brain", "instant", "stable", "ai", "lm", "character"]
+
 # A version number after a name: "-4o", " 3.5", "2.5", "v2".
 NUMBER = r"[\s_-]?v?\d+(?:\.\d+)*[a-z]?(?![A-Za-z])"
 # Sizes and variants after the number: " Sonnet", "-70B-Instruct", " Pro", "-turbo".

@@ -53,11 +53,12 @@ def _name(text: str, ambiguous: bool, kinds: frozenset[str] = frozenset()) -> Na
     joined = "".join(parts)
     if joined.isascii():
         # the words a match leaves after _WORDS: the joined spelling's letter runs, and for spaced-out
-        # spellings ("Chat GPT") the longest part
+        # spellings ("Chat GPT") the longest part that is not a common word
         runs = re.findall(r"[a-z]+", joined)
         keys = {r for r in runs if len(r) >= 3} or {max(runs, key=len)}
         if len(parts) > 1:
-            keys.add(max((r for p in parts for r in re.findall(r"[a-z]+", p)), key=len))
+            words = [r for p in parts for r in re.findall(r"[a-z]+", p)]
+            keys.add(max([w for w in words if w not in shared.COMMON_WORDS] or words, key=len))
     else:
         keys = {max(parts, key=len)}
     return Name(text, body, ambiguous, kinds, tuple(sorted(keys)))
@@ -66,6 +67,19 @@ def _name(text: str, ambiguous: bool, kinds: frozenset[str] = frozenset()) -> Na
 def names_regex(bodies: list[str]) -> str:
     """One regex for a list of name bodies, each followed by an optional version and variant."""
     return f"{_LEFT}(?:{'|'.join(bodies)})(?:{shared.NUMBER})?{shared.VARIANT}{_RIGHT}"
+
+
+def _guarded(text: str, start: int, end: int) -> bool:
+    """The check of _LEFT and _RIGHT, for a match found without them."""
+    def word(ch: str) -> str:
+        if ch.isascii() and ch.isalnum():
+            return "latin"
+        return "devanagari" if "\u0900" <= ch <= "\u097f" else ""
+
+    inside = word(text[start]), word(text[end - 1])
+    before = word(text[start - 1]) if start > 0 else ""
+    after = word(text[end]) if end < len(text) else ""
+    return not (inside[0] and before == inside[0]) and not (inside[1] and after == inside[1])
 
 
 @dataclass(frozen=True)
@@ -88,37 +102,47 @@ class NameTable:
             for k in n.keys:
                 (self.ascii_keys if k.isascii() else self.other_keys).setdefault(k, []).append(i)
         self.ascii_key_set = frozenset(k.encode() for k in self.ascii_keys)
+        # non-ASCII names (通义千问, चैटजीपीटी) have no word breaks to split on: one literal alternation
+        self._other_keys_rx = re.compile("|".join(map(re.escape, sorted(self.other_keys, key=len, reverse=True))))
         ambiguous = [n.body for n in self.names if n.ambiguous]
         self._ambiguous = re.compile(names_regex(ambiguous), FLAGS) if ambiguous else None
-        self._cache: dict[frozenset[int], re.Pattern] = {}
+        suffix = f"(?:{shared.NUMBER})?{shared.VARIANT}"
+        self._lower = [re.compile(n.body + suffix) for n in self.names]
+        self._any_case = [re.compile(n.body + suffix, FLAGS) for n in self.names]
 
     def keys_in(self, text: str) -> frozenset[int]:
         """Indices of the names whose keys occur in `text`: the fast path, a superset of the names present."""
         words = text.encode("ascii", "replace").translate(_WORDS).split()
         found = [self.ascii_keys[k.decode()] for k in self.ascii_key_set.intersection(words)]
-        if not text.isascii():
-            found += [idx for k, idx in self.other_keys.items() if k in text]
+        if self.other_keys and not text.isascii():
+            found += [self.other_keys[k] for k in set(self._other_keys_rx.findall(text))]
         return frozenset(i for idx in found for i in idx)
-
-    def _regex(self, which: frozenset[int]) -> re.Pattern:
-        """One regex for the names whose keys were seen; the few combinations a corpus has are cached."""
-        rx = self._cache.get(which)
-        if rx is None:
-            rx = re.compile(names_regex([f"(?P<n{i}>{self.names[i].body})" for i in sorted(which)]), FLAGS)
-            if len(self._cache) < 4096:
-                self._cache[which] = rx
-        return rx
 
     def find(self, text: str) -> list[NameHit]:
         which = self.keys_in(text)
         if not which:
             return []
+        # Each name's regex starts with a literal, which `re` finds with a fast scan, but only in
+        # lowercase text (case-insensitive patterns scan position by position); the few characters
+        # whose lowercase is longer fall back to the slow patterns.
+        low = text.lower()
+        regexes = self._lower if len(low) == len(text) else self._any_case
+        if len(low) != len(text):
+            low = text
         hits = []
-        for m in self._regex(which).finditer(text):
-            name = self.names[int(m.lastgroup[1:])]
-            versioned = any(c.isdigit() for c in m.group())
-            hits.append(NameHit(m.start(), m.end(), name.ambiguous and not versioned, name.kinds))
-        return hits
+        for i in which:
+            name = self.names[i]
+            for m in regexes[i].finditer(low):
+                if _guarded(text, m.start(), m.end()):
+                    versioned = any(c.isdigit() for c in m.group())
+                    hits.append(NameHit(m.start(), m.end(), name.ambiguous and not versioned, name.kinds))
+        # where names overlap ("google deepmind", "google") the longest wins
+        hits.sort(key=lambda h: (h.start, -h.end))
+        kept: list[NameHit] = []
+        for h in hits:
+            if not kept or h.start >= kept[-1].end:
+                kept.append(h)
+        return kept
 
     def is_ambiguous(self, text: str) -> bool:
         """Whether a matched name is one that is also an ordinary word (and carries no version number)."""
