@@ -35,9 +35,10 @@ LANGUAGE = {
             "id": "main-org-dwara",
             "reason": "speaker says another organisation made it",
             "pattern": r"{main}\s+(?:{word}){0,4}?{org}\s+{by}\s+(?:{word}){0,1}?{made}\s+(?:{ek}(?:{word}){0,3}?"
-                       r"{ai}\s+)?{hoon}",
+                       r"{ai}\s+|{any_model}\s+)?{hoon}",
             "rewrite": True,
-            "examples": ["मैं OpenAI द्वारा विकसित एक भाषा मॉडल हूँ।", "मैं ChatGPT, OpenAI द्वारा प्रशिक्षित हूँ।"],
+            "examples": ["मैं OpenAI द्वारा विकसित एक भाषा मॉडल हूँ।", "मैं ChatGPT, OpenAI द्वारा प्रशिक्षित हूँ।",
+                         "मैं Google द्वारा प्रशिक्षित Gemini हूँ।"],
         },
         {
             "id": "main-ai-jise-org",
