@@ -109,6 +109,8 @@ def _targets(sources: list[Source], paths: list[str], out: Path) -> list[Path]:
     single = len(paths) == 1 and Path(paths[0]).is_file()
     if single and out.is_dir():
         out = out / sources[0].name
+    if not single and out.exists() and not out.is_dir():
+        raise Dsv3Error(f"--fix {out} is a file, but a folder or several inputs need a folder; name a folder")
     targets = [out] if single else [out / s.name for s in sources]
     for src, target in zip(sources, targets):
         if target.exists() and os.path.samefile(target, src.path):
