@@ -2,18 +2,21 @@
 
 A checkpoint is `model.safetensors`, or shards `model-0000i-of-0000n.safetensors` listed by
 `model.safetensors.index.json` ({"metadata": {"total_size": ...}, "weight_map": {name: file}}).
-Tensors are read one at a time from memory-mapped files, so reading never holds more than the tensor asked for.
+Tensors are read one at a time from memory-mapped files and each tensor's pages are released from this
+process as soon as it is copied out, so loading a checkpoint costs about the model's own size in memory,
+not the model plus every page of the files it read.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import re
+import struct
 from collections.abc import Iterable
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from dsv3.errors import CheckpointError
@@ -22,6 +25,60 @@ from dsv3.utils import atomic_write, atomic_write_text
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+
+# safetensors dtype names
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+    "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+
+
+class SafetensorsFile:
+    """One .safetensors file: an 8-byte header length, a JSON header {name: {dtype, shape, data_offsets}},
+    then the tensor bytes. The data is memory-mapped; `get` copies a tensor out and drops its pages."""
+
+    def __init__(self, path: str):
+        self.path = path
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+            if n < 2 or 8 + n > size:
+                raise CheckpointError(f"{path} is truncated or not a safetensors file; re-download or re-convert it")
+            try:
+                header = json.loads(f.read(n))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise CheckpointError(f"{path} has a corrupt header; re-download or re-convert it") from None
+        header.pop("__metadata__", None)
+        self.data_start = 8 + n
+        self.entries = header
+        end = max((e["data_offsets"][1] for e in header.values()), default=0)
+        if self.data_start + end > size:
+            raise CheckpointError(f"{path} is truncated (its header promises {self.data_start + end} bytes, the file "
+                                  f"has {size}); re-download or re-convert it")  # fmt: skip
+        self._mm = None
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.entries[key]["shape"])
+
+    def get(self, key: str) -> torch.Tensor:
+        e = self.entries[key]
+        if e["dtype"] not in DTYPES:
+            raise CheckpointError(f"tensor {key} in {self.path} has dtype {e['dtype']}, which is not supported")
+        if self._mm is None:
+            with open(self.path, "rb") as f:  # copy-on-write: torch wants a writable buffer, nothing is written
+                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        start, end = (self.data_start + o for o in e["data_offsets"])
+        if end == start:
+            return torch.empty(self.shape(key), dtype=DTYPES[e["dtype"]])
+        view = torch.frombuffer(self._mm, dtype=torch.uint8, count=end - start, offset=start)
+        out = view.view(DTYPES[e["dtype"]]).reshape(self.shape(key)).clone()
+        del view
+        page = mmap.PAGESIZE
+        lo = start // page * page
+        self._mm.madvise(mmap.MADV_DONTNEED, lo, end - lo)  # give the pages back now that they are copied
+        return out
 
 
 class CheckpointReader:
@@ -54,17 +111,12 @@ class CheckpointReader:
             full = os.path.join(self.directory, name)
             if not os.path.exists(full):
                 raise CheckpointError(f"shard {full} is listed in {INDEX} but missing; copy or re-download it")
-            try:
-                self._handles[name] = safe_open(full, framework="pt", device="cpu")
-            except (SafetensorError, OSError) as e:
-                raise CheckpointError(
-                    f"{full} is truncated or not a safetensors file ({e}); re-download or re-convert it"
-                ) from None
+            self._handles[name] = SafetensorsFile(full)
         if self._file_of is None:
-            self._file_of = {k: name for name, h in self._handles.items() for k in h.keys()}
+            self._file_of = {k: name for name, h in self._handles.items() for k in h.entries}
         else:
             for key, name in self._file_of.items():
-                if key not in self._handles[name].keys():
+                if key not in self._handles[name].entries:
                     raise CheckpointError(f"tensor {key} is listed in {INDEX} under {name} but that shard lacks it")
 
     def keys(self) -> list[str]:
@@ -84,15 +136,11 @@ class CheckpointReader:
 
     def shape(self, key: str) -> tuple[int, ...]:
         """The tensor's shape, read from the header alone."""
-        return tuple(self._handles[self._file_of[key]].get_slice(key).get_shape())
+        return self._handles[self._file_of[key]].shape(key)
 
     def get(self, key: str) -> torch.Tensor:
-        try:
-            return self._handles[self._file_of[key]].get_tensor(key)
-        except SafetensorError as e:
-            raise CheckpointError(
-                f"cannot read tensor {key} from {self._file_of[key]} ({e}); the file may be damaged"
-            ) from None
+        """A copy of the tensor, read from the memory-mapped file."""
+        return self._handles[self._file_of[key]].get(key)
 
 
 def parse_size(size: int | str) -> int:
