@@ -141,7 +141,7 @@ def _fixed(src: Source, rec: Record, flagged: list, auditor: Auditor, fields: Fi
     dropped_turns: set[int] = set()
     for j, _ in flagged:
         new, lines = auditor.fix(j.text, assistant=j.assistant)
-        log += [f"{where} {j.field or 'text'}: {line}" for line in lines]
+        log += [f"{where} {j.field or 'paragraph'}: {line}" for line in lines]
         if new is not None:
             changes[j.path] = new
             fix["texts_rewritten"] += 1
