@@ -1,0 +1,153 @@
+"""The training configuration: one dataclass, defaults that are the quick start, and its checks.
+
+Defaults follow DeepSeek-V3's published recipe (DESIGN section 6) where it carries over to a small
+model on a CPU: AdamW (0.9, 0.95), weight decay 0.1, clipping at 1.0, init std 0.006, bias update
+speed 0.001, sequence-wise balance alpha 1e-4, MTP lambda 0.3 then 0.1. The learning rate is a
+small model's (DeepSeek-V3's 2.2e-4 is for 671B parameters); the schedule keeps the published shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from dsv3.config import PRESETS, ModelConfig, preset
+from dsv3.errors import Dsv3Error
+
+DTYPES = ("bf16", "fp32")
+# aux-free: DeepSeek-V3's bias update plus the complementary sequence-wise loss;
+# aux-loss: the classic batch-wise auxiliary loss, no bias; none: no balancing at all.
+BALANCE_MODES = ("aux-free", "aux-loss", "none")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs besides the model config; `dsv3 train` flags map onto these fields."""
+
+    # model: a preset, or a config.json (which wins when given)
+    preset: str = "small"
+    model_config: str | None = None
+    # data: sources for `dsv3.data.prepare` (none: the built-in corpus), or one prepared dataset folder
+    data: list[str] = field(default_factory=list)
+    data_dir: str = "data"  # where sources are prepared into (reused while they are unchanged)
+    tokenizer: str | None = None  # a tokenizer.json to use instead of training one
+    out: str = "runs/small"  # the run directory: a model directory plus checkpoints and metrics
+    # batch: batch_size sequences of seq_len tokens per micro-batch, grad_accum micro-batches per step
+    batch_size: int = 16
+    seq_len: int = 256
+    grad_accum: int = 1
+    # length: max_steps, or (when None) as many steps as fit time_budget minutes of wall time, counted
+    # from the start of the run and including data preparation, evaluation and the final samples
+    max_steps: int | None = None
+    time_budget: float = 8.0
+    # optimizer and schedule
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr * 0.1 (2.2e-4 -> 2.2e-5 in the paper)
+    warmup: float = 0.03  # fraction of the steps spent warming up (at least one step)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    weight_decay: float = 0.1  # on matrices only (projections, experts, embedding, head)
+    grad_clip: float = 1.0
+    init_std: float = 0.006
+    dtype: str = "bf16"  # autocast dtype of the matmuls; master weights and optimizer state stay fp32
+    device: str = "cpu"
+    seed: int = 0
+    # load balancing
+    balance: str = "aux-free"
+    bias_gamma: float = 0.001  # bias update speed
+    bias_freeze: float = 0.966  # fraction of the steps after which the bias stops moving (last 500B of 14.8T)
+    seq_alpha: float = 1e-4  # complementary sequence-wise balance loss (aux-free mode)
+    aux_alpha: float = 1e-3  # classic auxiliary loss (aux-loss mode)
+    # multi-token prediction: L = L_main + lambda / D * sum_k L_k, lambda = mtp_lambda until mtp_switch
+    mtp: bool = True
+    mtp_lambda: float = 0.3
+    mtp_lambda_late: float = 0.1
+    mtp_switch: float = 0.676  # fraction of the steps (the paper: after 10T of 14.8T tokens)
+    # logging, evaluation, checkpoints
+    log_every: int = 10
+    eval_every: int = 100
+    eval_windows: int = 64  # validation windows per evaluation, spread over the held-out split
+    save_every: int = 100
+    keep_last: int = 2
+    peak_tflops: float | None = None  # this machine's matmul peak for the MFU; None: measured at start
+    samples: int = 3  # texts generated at the end
+    sample_tokens: int = 48
+    tensorboard: bool = True  # write event files too, when the tensorboard package is installed
+    resume: bool = False
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        self.data = list(self.data)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise Dsv3Error naming the first field with an invalid value."""
+
+        def need(ok: bool, name: str, what: str) -> None:
+            if not ok:
+                raise Dsv3Error(f"training option {name}={getattr(self, name)!r} {what}")
+
+        if self.model_config is None:
+            need(self.preset in PRESETS, "preset", f"is not one of {', '.join(PRESETS)}")
+        for name in ("batch_size", "seq_len", "grad_accum", "log_every", "eval_every", "eval_windows", "save_every",
+                     "keep_last"):
+            v = getattr(self, name)
+            need(isinstance(v, int) and not isinstance(v, bool) and v > 0, name, "must be a positive integer")
+        need(self.seq_len >= 4, "seq_len", "must be at least 4")
+        need(self.max_steps is None or (isinstance(self.max_steps, int) and self.max_steps > 0), "max_steps",
+             "must be a positive integer")
+        need(self.time_budget > 0, "time_budget", "must be a positive number of minutes")
+        need(self.lr > 0, "lr", "must be positive")
+        need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must lie in [0, 1]")
+        for name in ("warmup", "bias_freeze", "mtp_switch"):
+            need(0 <= getattr(self, name) <= 1, name, "must be a fraction in [0, 1]")
+        need(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1", "and beta2 must lie in [0, 1)")
+        for name in ("weight_decay", "bias_gamma", "seq_alpha", "aux_alpha", "mtp_lambda", "mtp_lambda_late",
+                     "samples", "sample_tokens"):
+            need(getattr(self, name) >= 0, name, "must not be negative")
+        need(self.grad_clip > 0, "grad_clip", "must be positive")
+        need(self.init_std > 0, "init_std", "must be positive")
+        need(self.dtype in DTYPES, "dtype", f"is not one of {', '.join(DTYPES)}")
+        need(self.balance in BALANCE_MODES, "balance", f"is not one of {', '.join(BALANCE_MODES)}")
+        need(self.peak_tflops is None or self.peak_tflops > 0, "peak_tflops", "must be positive")
+
+    # ----- derived ------------------------------------------------------------------------------------
+    def model(self) -> ModelConfig:
+        """The model config this run trains: the preset or config.json, without MTP modules when MTP is off."""
+        cfg = ModelConfig.from_hf(self.model_config) if self.model_config else preset(self.preset)
+        if not self.mtp:
+            cfg = cfg.replace(num_nextn_predict_layers=0)
+        if cfg.max_position_embeddings < self.seq_len:
+            raise Dsv3Error(f"training option seq_len={self.seq_len} exceeds the model's max_position_embeddings="
+                            f"{cfg.max_position_embeddings}; use a shorter --seq-len")
+        return cfg
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len * self.grad_accum
+
+    # ----- JSON ---------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise Dsv3Error(f"unknown training option(s) {', '.join(unknown)}; check the spelling")
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> TrainConfig:
+        try:
+            with open(path, encoding="utf-8") as f:
+                return cls.from_dict(json.load(f))
+        except (OSError, ValueError) as e:
+            raise Dsv3Error(f"cannot read the training config {os.fspath(path)} ({e}); fix or remove it") from None
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)

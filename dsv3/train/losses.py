@@ -1,0 +1,58 @@
+"""The training objective: next-token cross-entropy, the MTP losses (DeepSeek-V3 section 2.2) and the
+balance losses, combined into one scalar; plus the statistics logged beside it.
+
+With labels = inputs shifted by one ([B, T], labels[:, i] = t_{i+1}), MTP depth k's logits [B, T-k, V]
+at position i predict t_{i+k+1}, so their targets are labels[:, k:].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from dsv3.model import Output
+from dsv3.train.balance import aux_balance_loss, sequence_balance_loss
+from dsv3.train.config import TrainConfig
+
+
+def mtp_lambda(progress: float, cfg: TrainConfig) -> float:
+    """The MTP loss weight at `progress` (fraction of the run done): 0.3 early, 0.1 later in the paper."""
+    return cfg.mtp_lambda if progress < cfg.mtp_switch else cfg.mtp_lambda_late
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy in fp32 of logits [..., V] against targets [...]."""
+    return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten())
+
+
+@dataclass
+class Losses:
+    total: torch.Tensor  # what backward() runs on
+    main: torch.Tensor  # next-token cross-entropy of the main head
+    mtp: list[torch.Tensor] = field(default_factory=list)  # per MTP depth k
+    balance: torch.Tensor | None = None  # alpha * balance loss, summed over routers (None when off)
+    mtp_acc: torch.Tensor | None = None  # depth 1: share of positions whose argmax is the next-next token
+
+
+def compute_losses(out: Output, labels: torch.Tensor, cfg: TrainConfig, lam: float) -> Losses:
+    """L = L_main + lam / D * sum_k L_k (+ the balance loss of `cfg.balance`)."""
+    main = cross_entropy(out.logits, labels)
+    total = main
+    mtp = [cross_entropy(logits, labels[:, k:]) for k, logits in enumerate(out.mtp_logits, start=1)]
+    if mtp:
+        total = total + lam / len(mtp) * sum(mtp)
+    balance = None
+    routing = out.routing + out.mtp_routing
+    if cfg.balance == "aux-free" and cfg.seq_alpha > 0 and routing:
+        balance = cfg.seq_alpha * sum(sequence_balance_loss(r, labels.shape[0]) for r in routing)
+    elif cfg.balance == "aux-loss" and cfg.aux_alpha > 0 and routing:
+        balance = cfg.aux_alpha * sum(aux_balance_loss(r) for r in routing)
+    if balance is not None:
+        total = total + balance
+    acc = None
+    if out.mtp_logits:
+        with torch.no_grad():
+            acc = (out.mtp_logits[0].argmax(-1) == labels[:, 1:]).float().mean()
+    return Losses(total=total, main=main, mtp=mtp, balance=balance, mtp_acc=acc)
