@@ -12,9 +12,11 @@ from dsv3.cli import main
 from dsv3.infer import Engine, SamplingParams
 from dsv3.infer.byte_tokenizer import ByteTokenizer
 from dsv3.infer.chat import ChatTemplate, deepseek_v3_format
+from dsv3.infer.decode import DecodeForward
 from dsv3.infer.sampling import probabilities, sample
 from dsv3.infer.speculative import Draft, verify
 from dsv3.infer.text import TextStream
+from dsv3.model.cache import LatentCache
 
 GREEDY = SamplingParams(max_new_tokens=12)
 
@@ -99,6 +101,34 @@ def test_batched_latent_cache_decoding_equals_full_recomputation():
         assert_same_or_near_tie(model, prompt, alone, got)
 
 
+def test_fast_decode_forward_equals_the_model():
+    """DecodeForward computes model.run's function (absorbed attention) for decode-sized steps, MTP included."""
+    model = random_tiny()
+    cfg = model.config
+    cache_a, cache_b = (LatentCache(cfg, 3, 16, dtype=torch.float32) for _ in range(2))
+    prompt = torch.randint(0, cfg.vocab_size, (3, 9))
+    with torch.no_grad():
+        model.run(prompt, None, cache_a)
+        model.run(prompt, None, cache_b)
+        fast = DecodeForward(model)
+        ids = torch.randint(0, cfg.vocab_size, (3, 2))
+        positions = torch.tensor([[9, 10], [4, 5], [7, 8]])  # rows at different lengths, two tokens each
+        model.set_impl(attn="absorb")
+        ref = model.run(ids, positions, cache_a)
+        logits, hidden = fast.run(ids, positions, cache_b)
+        torch.testing.assert_close(logits, ref.logits, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(hidden, ref.hidden, rtol=1e-4, atol=1e-5)
+        mtp = model.mtp[0]
+        h_ref, _ = mtp(ref.hidden, model.embed(ids), model.rope(positions), positions, cache_a)
+        torch.testing.assert_close(fast.mtp(mtp, hidden, ids, positions, cache_b), h_ref, rtol=1e-4, atol=1e-5)
+        model.set_impl(attn="naive")
+    reference = Engine(model, max_batch=3, cache_dtype="fp32", decode="reference", speculative=True)
+    fast_engine = Engine(model, max_batch=3, cache_dtype="fp32", speculative=True)
+    prompts = prompt.tolist()
+    assert [s.tokens for s in reference.generate(prompts, GREEDY)] == [s.tokens for s in fast_engine.generate(
+        prompts, GREEDY)]
+
+
 def test_rows_are_reused_as_sequences_finish():
     model = random_tiny()
     engine = Engine(model, max_batch=2, cache_dtype="fp32")
@@ -139,7 +169,7 @@ def test_fp8_cache_engine_runs_and_counts_bytes():
     model, tok, _ = trained_tiny()
     engine = Engine(model, tok, cache_dtype="fp8")
     cfg = model.config
-    layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
+    layers = cfg.num_hidden_layers  # the MTP module's layer only when speculating
     assert engine.cache.nbytes_per_token() == layers * (cfg.kv_lora_rank + 4 + cfg.qk_rope_head_dim * 2)
     seq = engine.generate([tok.encode("the latent cache")], SamplingParams(max_new_tokens=20))[0]
     assert seq.text.startswith(" keeps five hundred")

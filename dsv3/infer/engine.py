@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dsv3.infer.decode import DecodeForward
 from dsv3.infer.sampling import SamplingParams, sample
 from dsv3.infer.speculative import Draft, draft_token, verify
 from dsv3.infer.text import Decoder, TextStream
@@ -96,7 +97,8 @@ class Engine:
     """Continues many sequences at once over one latent cache of `max_batch` rows of `max_len` tokens.
 
     `tokenizer` (anything with `decode`) turns tokens into streamed text and enables stop strings; without
-    one, sequences produce tokens only.
+    one, sequences produce tokens only. `decode` chooses the forward of decode steps: "fast" (`DecodeForward`)
+    or "reference" (`model.run` with the absorbed attention); both compute the same function.
     """
 
     def __init__(
@@ -108,17 +110,22 @@ class Engine:
         max_len: int | None = None,
         cache_dtype: str = "bf16",
         speculative: bool = False,
+        decode: str = "fast",
     ):
         cfg = model.config
+        if decode not in ("fast", "reference"):
+            raise ValueError(f"decode={decode!r} is not 'fast' or 'reference'")
         if speculative and not len(model.mtp):
             raise ValueError("speculative decoding needs a model with an MTP module (num_nextn_predict_layers >= 1)")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_len = min(max_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.speculative = speculative
+        self.fast = DecodeForward(model) if decode == "fast" else None
         self.device = next(model.parameters()).device
-        # speculation writes the draft one slot past the last token
-        self.cache = new_cache(cfg, max_batch, self.max_len + 1, cache_dtype, self.device)
+        # speculation writes the draft one slot past the last token, and MTP module 1 needs its own layer
+        n_layers = cfg.num_hidden_layers + (1 if speculative else 0)
+        self.cache = new_cache(cfg, max_batch, self.max_len + 1, cache_dtype, self.device, n_layers)
         self.free_rows = list(range(max_batch))
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -242,7 +249,9 @@ class Engine:
             next_ids = torch.zeros_like(ids)
             for i, s in enumerate(batch):
                 next_ids[i, : len(s.prompt)] = torch.tensor(s.prompt[1:] + s.tokens[:1])
-            self._draft(batch, out.hidden, next_ids, positions, cache, pick=last)
+            mtp = self.model.mtp[0]
+            h, _ = mtp(out.hidden, self.model.embed(next_ids), self.model.rope(positions), positions, cache)
+            self._draft(batch, mtp, h, pick=last)
         self.stats.prompt_tokens += int(lengths.sum())
         self.stats.prefill_time += time.perf_counter() - t0
         self.running += batch
@@ -251,8 +260,7 @@ class Engine:
     def _decode_step(self, active: list[Sequence]) -> None:
         ids = torch.tensor([[s.tokens[-1]] for s in active], device=self.device)  # [B, 1]
         positions = torch.tensor([[s.length - 1] for s in active], device=self.device)  # [B, 1]
-        self.model.set_impl(attn="absorb")
-        logits = self.model.run(ids, positions, self.cache.rows([s.row for s in active])).logits[:, -1]  # [B, V]
+        logits = self._forward(ids, positions, self.cache.rows([s.row for s in active]))[0][:, -1]  # [B, V]
         if all(s.params.greedy for s in active):
             for s, t in zip(active, logits.argmax(dim=-1).tolist()):
                 self._append(s, t)
@@ -266,12 +274,11 @@ class Engine:
         ids = torch.tensor([[s.tokens[-1], s.draft.token] for s in active], device=self.device)  # [B, 2]
         positions = torch.tensor([[s.length - 1, s.length] for s in active], device=self.device)  # [B, 2]
         cache = self.cache.rows([s.row for s in active])
-        self.model.set_impl(attn="absorb")
-        out = self.model.run(ids, positions, cache)
+        logits, hidden = self._forward(ids, positions, cache)  # [B, 2, V], [B, 2, d]
         next_ids = torch.zeros_like(ids)
         accepted = []
         for i, s in enumerate(active):
-            new = verify(out.logits[i], s.draft, s.params, s.generator)
+            new = verify(logits[i], s.draft, s.params, s.generator)
             s.n_drafted += 1
             s.n_accepted += len(new) - 1
             accepted.append(len(new) - 1)
@@ -280,14 +287,24 @@ class Engine:
             next_ids[i] = torch.tensor([new[0], new[-1]])  # the second slot is only read when accepted
         self.stats.drafted += len(active)
         self.stats.accepted += sum(accepted)
-        self._draft(active, out.hidden, next_ids, positions, cache, pick=torch.tensor(accepted, device=self.device))
-
-    def _draft(self, seqs, hidden, next_ids, positions, cache, pick: torch.Tensor) -> None:
-        """Run MTP module 1 over (hidden[p], next_ids[p]) at `positions`, writing its cache slots, and draft
-        each running sequence's next-but-one token from its column `pick` (its last real position)."""
         mtp = self.model.mtp[0]
-        rope = self.model.rope(positions)
-        h, _ = mtp(hidden, self.model.embed(next_ids), rope, positions, cache)  # [B, T, d]
+        if self.fast is not None:
+            h = self.fast.mtp(mtp, hidden, next_ids, positions, cache)
+        else:
+            h, _ = mtp(hidden, self.model.embed(next_ids), self.model.rope(positions), positions, cache)
+        self._draft(active, mtp, h, pick=torch.tensor(accepted, device=self.device))
+
+    def _forward(self, ids, positions, cache) -> tuple[torch.Tensor, torch.Tensor]:
+        """A decode-step forward: (logits [B, T, V], hidden [B, T, d])."""
+        if self.fast is not None:
+            return self.fast.run(ids, positions, cache)
+        self.model.set_impl(attn="absorb")
+        out = self.model.run(ids, positions, cache)
+        return out.logits, out.hidden
+
+    def _draft(self, seqs, mtp, h, pick: torch.Tensor) -> None:
+        """Draft each running sequence's next-but-one token from MTP's output h [B, T, d] (which wrote its cache
+        slots), read at column `pick`: the row's last real position."""
         rows = torch.arange(len(seqs), device=self.device)
         logits = self.model.head(mtp.norm(h[rows, pick]))  # [B, V]
         for s, row_logits in zip(seqs, logits):

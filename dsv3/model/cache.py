@@ -141,15 +141,21 @@ class CacheRows:
 
 
 def new_cache(
-    cfg: ModelConfig, batch_size: int, max_len: int, dtype: str = "bf16", device: torch.device | str = "cpu"
+    cfg: ModelConfig,
+    batch_size: int,
+    max_len: int,
+    dtype: str = "bf16",
+    device: torch.device | str = "cpu",
+    n_layers: int | None = None,
 ) -> LatentCache:
-    """A cache in one of CACHE_DTYPES: "bf16", "fp32" or "fp8" (e4m3 latent + fp32 scales, bf16 rope key)."""
+    """A cache in one of CACHE_DTYPES: "bf16", "fp32" or "fp8" (e4m3 latent + fp32 scales, bf16 rope key).
+    n_layers defaults to the main model's layers plus the MTP modules'."""
     if dtype == "fp8":
-        return FP8LatentCache(cfg, batch_size, max_len, device=device)
+        return FP8LatentCache(cfg, batch_size, max_len, device=device, n_layers=n_layers)
     if dtype not in CACHE_DTYPES:
         raise ValueError(f"cache dtype {dtype!r} is not one of {CACHE_DTYPES}")
-    return LatentCache(cfg, batch_size, max_len, dtype={"bf16": torch.bfloat16, "fp32": torch.float32}[dtype],
-                       device=device)
+    torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    return LatentCache(cfg, batch_size, max_len, dtype=torch_dtype, device=device, n_layers=n_layers)
 
 
 def quantize_tiles(x: torch.Tensor, block: int = FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
