@@ -249,18 +249,20 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(self.step, self.max_steps, cfg)
         lam = mtp_lambda(progress, cfg)
+        logged = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == self.max_steps
         sums = {"loss": 0.0, "mtp_loss": 0.0, "mtp_acc": 0.0, "balance_loss": 0.0}
         loads = None
         for _ in range(cfg.grad_accum):
             x, y = (t.to(self.device) for t in next(self.loader))
             with self.autocast():
                 out = self.model.run(x, mtp=bool(self.model.mtp))
-            losses = compute_losses(out, y, cfg, lam)
+            losses = compute_losses(out, y, cfg, lam, accuracy=logged)
             self._check_finite(losses.total, "the loss")
             (losses.total / cfg.grad_accum).backward()
             sums["loss"] += losses.main.item() / cfg.grad_accum
             if losses.mtp:
                 sums["mtp_loss"] += sum(m.item() for m in losses.mtp) / len(losses.mtp) / cfg.grad_accum
+            if losses.mtp_acc is not None:
                 sums["mtp_acc"] += losses.mtp_acc.item() / cfg.grad_accum
             if losses.balance is not None:
                 sums["balance_loss"] += losses.balance.item() / cfg.grad_accum
@@ -276,6 +278,8 @@ class Trainer:
             update_biases(self.gates, loads, gamma)
         self.step += 1
         self.tokens += cfg.tokens_per_step
+        if not logged:
+            sums["mtp_acc"] = None  # not computed (a step cut short by the time budget)
         return {**sums, "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm.item(), "mtp_lambda": lam,
                 "bias_gamma": gamma, "loads": loads}
 

@@ -36,8 +36,9 @@ class Losses:
     mtp_acc: torch.Tensor | None = None  # depth 1: share of positions whose argmax is the next-next token
 
 
-def compute_losses(out: Output, labels: torch.Tensor, cfg: TrainConfig, lam: float) -> Losses:
-    """L = L_main + lam / D * sum_k L_k (+ the balance loss of `cfg.balance`)."""
+def compute_losses(out: Output, labels: torch.Tensor, cfg: TrainConfig, lam: float, accuracy: bool = True) -> Losses:
+    """L = L_main + lam / D * sum_k L_k (+ the balance loss of `cfg.balance`). `accuracy` adds the MTP top-1
+    accuracy (an argmax over the vocabulary: worth skipping on steps that are not logged)."""
     main = cross_entropy(out.logits, labels)
     total = main
     mtp = [cross_entropy(logits, labels[:, k:]) for k, logits in enumerate(out.mtp_logits, start=1)]
@@ -52,7 +53,7 @@ def compute_losses(out: Output, labels: torch.Tensor, cfg: TrainConfig, lam: flo
     if balance is not None:
         total = total + balance
     acc = None
-    if out.mtp_logits:
+    if out.mtp_logits and accuracy:
         with torch.no_grad():
             acc = (out.mtp_logits[0].argmax(-1) == labels[:, 1:]).float().mean()
     return Losses(total=total, main=main, mtp=mtp, balance=balance, mtp_acc=acc)

@@ -84,7 +84,8 @@ def train_line(r: dict[str, Any]) -> str:
     """One line for a person: the figures of a training record."""
     parts = [f"step {r['step']}", f"loss {r['loss']:.4f}"]
     if r.get("mtp_loss") is not None:
-        parts.append(f"mtp {r['mtp_loss']:.4f} (acc {r['mtp_acc']:.1%})")
+        acc = f" (acc {r['mtp_acc']:.1%})" if r.get("mtp_acc") is not None else ""
+        parts.append(f"mtp {r['mtp_loss']:.4f}{acc}")
     parts += [f"lr {r['lr']:.2e}", f"gnorm {r['grad_norm']:.2f}", f"{r['tokens_per_s']:,.0f} tok/s",
               f"MFU {r['mfu']:.1%}"]
     if r.get("maxvio") is not None:
