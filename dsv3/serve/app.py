@@ -109,7 +109,7 @@ def create_app(engine: Engine, tokenizer, config: ServerConfig, template: ChatTe
         prompt = tokenizer.encode(body.prompt, bos=True) if isinstance(body.prompt, str) else list(body.prompt)
         if not all(0 <= t < engine.model.config.vocab_size for t in prompt):
             raise APIError(400, f"prompt token ids must lie in [0, {engine.model.config.vocab_size})", param="prompt")
-        handle = submit(body, prompt, body.max_tokens or config.default_max_tokens)
+        handle = submit(body, prompt, body.max_tokens or config.default_max_tokens, "prompt")
         rid = "cmpl-" + uuid.uuid4().hex
 
         def chunk(text: str, finish: str | None) -> dict:
@@ -131,7 +131,7 @@ def create_app(engine: Engine, tokenizer, config: ServerConfig, template: ChatTe
             raise APIError(400, str(e), param="messages") from None
         prompt = tokenizer.encode(text)
         max_tokens = body.max_completion_tokens or body.max_tokens or max(engine.max_len - len(prompt), 1)
-        handle = submit(body, prompt, max_tokens)
+        handle = submit(body, prompt, max_tokens, "messages")
         rid = "chatcmpl-" + uuid.uuid4().hex
 
         def chunk(delta: dict, finish: str | None) -> dict:
@@ -149,14 +149,14 @@ def create_app(engine: Engine, tokenizer, config: ServerConfig, template: ChatTe
                 "usage": usage(len(prompt), last.n_tokens)}
 
     # ----- helpers -----------------------------------------------------------------------------------
-    def submit(body: SamplingFields, prompt: list[int], max_tokens: int) -> Handle:
+    def submit(body: SamplingFields, prompt: list[int], max_tokens: int, prompt_param: str) -> Handle:
         if body.model != config.model_name:
             raise APIError(404, f"the model '{body.model}' does not exist; this server serves '{config.model_name}'",
                            code="model_not_found", param="model")
         if len(prompt) + max_tokens > engine.max_len:
             raise APIError(400, f"this model's context holds {engine.max_len} tokens, but the prompt has "
                            f"{len(prompt)} and {max_tokens} more were requested; shorten the prompt or lower "
-                           "max_tokens", code="context_length_exceeded", param="messages")
+                           "max_tokens", code="context_length_exceeded", param=prompt_param)
         params = SamplingParams(max_new_tokens=max_tokens, temperature=body.temperature, top_k=max(body.top_k, 0),
                                 top_p=body.top_p, seed=body.seed, stop_token_ids=stop_ids, stop=body.stop_strings())
         try:
