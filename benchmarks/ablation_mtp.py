@@ -6,7 +6,7 @@ perplexity (does the denser MTP signal help the main model?), the MTP head's top
 next-next token (the speculative-decoding acceptance to expect), and the training tokens/s of each
 (what the extra module costs).
 
-    .venv/bin/python benchmarks/ablation_mtp.py                     # small preset, 150 steps of 8 x 256
+    .venv/bin/python benchmarks/ablation_mtp.py                     # small preset, 100 steps of 8 x 256
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dsv3.train import TrainConfig, train
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="small")
-    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--eval-windows", type=int, default=96)

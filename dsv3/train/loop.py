@@ -49,6 +49,8 @@ RUN_FILES = (ckpt.CHECKPOINTS, "metrics.jsonl", TRAIN_CONFIG, SUMMARY, TENSORBOA
              "model.safetensors", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json")
 PROBE_STEPS = 3  # timed forward+backward passes that size a time-budgeted run (the first one warms up)
 END_RESERVE_S = 20.0  # kept free of a time-budgeted run's steps for the final save and the samples
+REPLAN_EVERY = 10  # steps between re-sizings of a time-budgeted run
+REPLAN_UNTIL = 0.5  # re-size only before this fraction of the run: well inside the constant learning rate
 
 
 class TrainingDiverged(Dsv3Error):
@@ -97,7 +99,11 @@ class Trainer:
 
         self.step, self.tokens, self.train_seconds = 0, 0, 0.0
         self.max_steps = cfg.max_steps
+        # a time-budgeted run: when the budget ends, what the final evaluation, save and samples cost at the
+        # probe's pace, and that pace (set by _choose_max_steps)
         self.deadline: float | None = None
+        self.end_cost = self.probe_step_s = 0.0
+        self.last_step_s = 0.0
         resume_step = self._restore() if cfg.resume else None
         self.metrics = MetricsLog(self.run_dir, resume_step=resume_step, tensorboard=cfg.tensorboard)
         atomic_write_text(os.path.join(self.run_dir, TRAIN_CONFIG), _json(cfg.to_dict()))
@@ -174,10 +180,10 @@ class Trainer:
         return self.step
 
     def _choose_max_steps(self) -> int:
-        """Fit the run into time_budget minutes: time a few forward+backward passes and one validation batch,
+        """Size the run to time_budget minutes: time a few forward+backward passes and one validation batch,
         then count the steps that fit beside the evaluations, checkpoints and samples. The passes change
-        nothing (gradients are dropped, the data position is put back), so the run that follows is exactly
-        the one `--max-steps` with the chosen number would give."""
+        nothing (gradients are dropped, the data position is put back). `_replan` corrects the count as the
+        real speed shows, so a time-budgeted run is not repeatable step for step: pass --max-steps for that."""
         cfg = self.cfg
         position = self.loader.state_dict()
         times = []
@@ -194,14 +200,31 @@ class Trainer:
         t0 = time.perf_counter()
         evaluate(self.model, self.info, cfg.batch_size, cfg.seq_len, cfg.batch_size, self.autocast, self.device, 0)
         eval_s = (time.perf_counter() - t0) * math.ceil(cfg.eval_windows / cfg.batch_size)
-        budget = cfg.time_budget * 60
-        self.deadline = self.started + budget - eval_s - END_RESERVE_S
-        left = self.deadline - time.perf_counter()
+        self.deadline = self.started + cfg.time_budget * 60
+        self.end_cost, self.probe_step_s = eval_s + END_RESERVE_S, step_s
+        left = self.deadline - self.end_cost - time.perf_counter()
         per_step = step_s + eval_s / cfg.eval_every
         steps = max(1, int(left / per_step))
         self.log(f"time budget {cfg.time_budget:g} min: {step_s:.2f} s per step, {eval_s:.1f} s per evaluation "
                  f"-> {steps} steps ({human(steps * cfg.tokens_per_step)} tokens)")
         return steps
+
+    def _replan(self, since: float, first_step: int, bar: tqdm) -> None:
+        """Re-size a time-budgeted run from its measured pace (wall time per step since `since`, evaluations
+        and checkpoints included), which a machine shared with other work can change at any time. Only after
+        the warm-up and in the first half of the run: there the learning rate is the constant peak whatever
+        the step count, so the change bends nothing that has already happened."""
+        warmup = max(1, round(self.cfg.warmup * self.max_steps))
+        if self.deadline is None or self.step <= warmup or self.step >= REPLAN_UNTIL * self.max_steps:
+            return
+        now = time.perf_counter()
+        per_step = (now - since) / (self.step - first_step)
+        left = self.deadline - self.end_cost * self._slowdown() - now
+        steps = max(self.step + int(left / per_step), math.ceil(self.step / REPLAN_UNTIL))
+        if abs(steps - self.max_steps) > 0.05 * self.max_steps:
+            self.log(f"time budget: {per_step:.2f} s per step now -> {steps} steps instead of {self.max_steps}")
+            self.max_steps = bar.total = steps
+            bar.refresh()
 
     # ----- the loop ----------------------------------------------------------------------------------
     def run(self) -> TrainResult:
@@ -215,11 +238,12 @@ class Trainer:
         bar = tqdm(total=self.max_steps, initial=self.step, desc="training", unit="step", dynamic_ncols=True,
                    disable=None if self.progress is None else not self.progress)
         window_tokens, window_seconds = 0, 0.0
+        first_step, since = self.step, time.perf_counter()
         try:
             while self.step < self.max_steps:
                 t0 = time.perf_counter()
                 stats = self._optimizer_step()
-                seconds = time.perf_counter() - t0
+                seconds = self.last_step_s = time.perf_counter() - t0
                 self.train_seconds += seconds
                 window_tokens += cfg.tokens_per_step
                 window_seconds += seconds
@@ -237,6 +261,8 @@ class Trainer:
                     self._save()
                 if last:
                     break
+                if self.step % REPLAN_EVERY == 0:
+                    self._replan(since, first_step, bar)
         finally:
             bar.close()
         if self.step < self.max_steps:
@@ -291,8 +317,16 @@ class Trainer:
                 f"a lower --lr" if self.last_checkpoint else "no checkpoint had been saved yet; try a lower --lr")
         raise TrainingDiverged(f"{what} became {value.item()} at step {self.step + 1}; training stopped and {kept}")
 
+    def _slowdown(self) -> float:
+        """How much slower the last step ran than the probe's: the final evaluation, save and samples will be
+        slowed alike, when other work has taken the machine's cores."""
+        return max(1.0, self.last_step_s / self.probe_step_s) if self.probe_step_s else 1.0
+
     def _out_of_time(self) -> bool:
-        return self.deadline is not None and time.perf_counter() > self.deadline
+        """Stop once what is left of the budget only covers the end of the run at the current pace."""
+        if self.deadline is None:
+            return False
+        return time.perf_counter() + self.end_cost * self._slowdown() + self.last_step_s > self.deadline
 
     def _eta(self) -> str:
         done = self.train_seconds / max(self.step, 1)
