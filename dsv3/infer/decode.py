@@ -4,11 +4,10 @@
 per sequence, so its cost is the number of small ops, not arithmetic. `DecodeForward` computes the same
 function as `run` with the absorbed attention, for that case:
 
-- RoPE angles and the attention mask are built once per step, not once per layer; RMSNorm uses torch's
-  fused kernel;
+- RoPE angles and the attention mask are built once per step, not once per layer;
 - W_uk and W_uv are applied as one batched matmul each over all heads (laid out once, up front);
-- each MoE layer runs only the experts its tokens chose, one SwiGLU per chosen expert, instead of a
-  grouped matmul over every expert; routing is the model's own router module.
+- norms, projections and MoE layers are the model's own modules (with a handful of tokens the MoE runs
+  only the experts they chose).
 
 The engine uses it for decode steps, speculative verification and MTP drafting; `model.run` stays the
 reference, and tests hold the two to the same tokens.
@@ -20,12 +19,10 @@ v v_head_dim, d hidden size, N = B * T, K experts per token.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from dsv3.model import DeepSeekV3
 from dsv3.model.attention import MLA
 from dsv3.model.moe import MoE
-from dsv3.model.norm import RMSNorm
 from dsv3.model.transformer import Block, MTPModule
 
 
@@ -48,13 +45,13 @@ class DecodeForward:
         h = m.embed(ids)  # [B, T, d]
         for layer in m.layers:
             h = self._block(layer, h, step, positions, cache)
-        return m.head(_norm(m.norm, h)), h
+        return m.head(m.norm(h)), h
 
     def mtp(self, module: MTPModule, h_prev: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor,
             cache) -> torch.Tensor:
         """MTP module's h^k [B, T, d] for (h_prev, next_ids) at positions: `module(h_prev, embed(next_ids), ...)`."""
         step = self._step_constants(positions)
-        x = module.eh_proj(torch.cat([_norm(module.enorm, self.model.embed(next_ids)), _norm(module.hnorm, h_prev)],
+        x = module.eh_proj(torch.cat([module.enorm(self.model.embed(next_ids)), module.hnorm(h_prev)],
                                      dim=-1))
         return self._block(module.block, x, step, positions, cache)
 
@@ -71,18 +68,18 @@ class DecodeForward:
         return rotation, mask
 
     def _block(self, block: Block, x, step, positions, cache) -> torch.Tensor:
-        x = x + self._attention(block.attn, _norm(block.attn_norm, x), step, positions, cache)
-        y = _norm(block.ffn_norm, x)
-        return x + (self._moe(block.ffn, y) if isinstance(block.ffn, MoE) else block.ffn(y))
+        x = x + self._attention(block.attn, block.attn_norm(x), step, positions, cache)
+        y = block.ffn_norm(x)
+        return x + (block.ffn(y)[0] if isinstance(block.ffn, MoE) else block.ffn(y))
 
     def _attention(self, a: MLA, x, step, positions, cache) -> torch.Tensor:
         B, T, _ = x.shape
         H, n, r, v, c = self.H, self.n, self.r, self.v, self.c
         rotation, mask = step
-        q = a.wq(x) if hasattr(a, "wq") else a.wq_b(_norm(a.q_norm, a.wq_a(x)))
+        q = a.wq(x) if hasattr(a, "wq") else a.wq_b(a.q_norm(a.wq_a(x)))
         q_nope, q_pe = q.view(B, T, H, n + r).split([n, r], dim=-1)  # [B, T, H, n], [B, T, H, r]
         c_kv, k_pe = a.wkv_a(x).split([c, r], dim=-1)  # [B, T, c], [B, T, r]
-        c_kv = _norm(a.kv_norm, c_kv)
+        c_kv = a.kv_norm(c_kv)
         q_pe = _rotate(q_pe, rotation)
         k_pe = _rotate(k_pe[:, :, None], rotation)[:, :, 0]
         c_all, pe_all = cache.update(a.layer_idx, positions, c_kv, k_pe)  # [B, S, c], [B, S, r]
@@ -99,38 +96,6 @@ class DecodeForward:
         # W_uv folded into the output: [H, N, c] @ [H, c, v] -> [H, N, v]
         o = torch.bmm(o_lat.view(B, T, H, c).permute(2, 0, 1, 3).reshape(H, B * T, c), w_uv_t)
         return a.wo(o.view(H, B, T, v).permute(1, 2, 0, 3).reshape(B, T, H * v))  # [B, T, H*v] -> [B, T, d]
-
-    def _moe(self, moe: MoE, x: torch.Tensor) -> torch.Tensor:
-        """The MoE layer for a handful of tokens: route with the model's router, then one SwiGLU per chosen
-        expert over the tokens that chose it, combined in fp32 exactly as the model combines."""
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])  # [N, d]
-        routing = moe.gate(x)
-        K = routing.indices.shape[1]
-        flat = routing.indices.flatten()  # [N*K]
-        order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=moe.gate.n_experts).tolist()
-        token_of = order // K  # [N*K], the token behind each sorted slot
-        x_sorted = x[token_of]
-        ex = moe.experts
-        outs, start = [], 0
-        for e, count in enumerate(counts):
-            if count:
-                xe = x_sorted[start : start + count]
-                outs.append(F.linear(F.silu(F.linear(xe, ex.w1[e])) * F.linear(xe, ex.w3[e]), ex.w2[e]))
-                start += count
-        w = routing.weights.flatten()[order]  # [N*K], aligned with the sorted slots
-        y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        y.index_add_(0, token_of, torch.cat(outs).float() * w[:, None])
-        y = y.to(x.dtype)
-        if moe.shared_experts is not None:
-            y = y + moe.shared_experts(x)
-        return y.view(shape)
-
-
-def _norm(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
-    """The model's RMSNorm (statistic in fp32, weight applied in x's dtype) with torch's fused kernel."""
-    return norm.weight * F.rms_norm(x.float(), x.shape[-1:], eps=norm.eps).type_as(x)
 
 
 def _rotate(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """RMSNorm, computed in fp32 whatever the activation dtype."""
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -13,8 +14,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        normed = F.rms_norm(x.float(), x.shape[-1:], eps=self.eps)  # x * rsqrt(mean(x^2) + eps), fused
         return self.weight * normed.type_as(x)
 
     def extra_repr(self) -> str:
