@@ -15,8 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: setup
-	$(VENV)/bin/dsv3 info --preset v3
-	$(VENV)/bin/dsv3 generate --preset tiny --max-new-tokens 16 "The latent cache"
+	$(VENV)/bin/dsv3 train --overwrite
 
 test: setup
 	$(PY) -m ruff check .

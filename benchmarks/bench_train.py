@@ -10,6 +10,11 @@ this run for the same dtype.
 
     .venv/bin/python benchmarks/bench_train.py                      # small preset, bf16, 8 x 256
     .venv/bin/python benchmarks/bench_train.py --dtype fp32 --rounds 3
+    .venv/bin/python benchmarks/bench_train.py --threads 1 --clock cpu --profile
+
+`--clock cpu` times steps by this process's CPU time (user + system) instead of the wall clock: with one
+thread it is the work itself, whatever else the machine is running. `--profile` adds the operators
+that take most of one dsv3 step (MTP + balancing), from torch.profiler.
 """
 
 from __future__ import annotations
@@ -58,7 +63,13 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per round and model")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice, one per core)")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall")
+    ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
 
     peak_dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     peak = measure_matmul_peak(peak_dtype)
@@ -83,11 +94,17 @@ def main() -> None:
         times: dict[str, list[float]] = {name: [] for name in steps}
         for _ in range(args.rounds):
             for name, step in steps.items():
-                t0 = time.perf_counter()
+                t0 = clock()
                 for _ in range(args.steps):
                     step()
-                times[name].append((time.perf_counter() - t0) / args.steps)
+                times[name].append((clock() - t0) / args.steps)
         peak = max(peak, measure_matmul_peak(peak_dtype))  # the better of two measurements, start and end
+        if args.profile:
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                steps["dsv3 (MTP + balancing)"]()
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
     tokens = args.batch_size * args.seq_len
     flops = {
@@ -97,7 +114,8 @@ def main() -> None:
         "transformers": flops_per_token(base.model_cfg, args.seq_len, training=True, mtp=False).total,
     }
     print(f"preset {args.preset}, {args.dtype}, batch {args.batch_size} x {args.seq_len}, {torch.get_num_threads()} "
-          f"threads, matmul peak {peak / 1e12:.3f} TFLOP/s, median of {args.rounds} rounds of {args.steps} steps")
+          f"threads, {args.clock} clock, matmul peak {peak / 1e12:.3f} TFLOP/s, median of {args.rounds} rounds of "
+          f"{args.steps} steps")
     print("| model | s/step | tokens/s | MFU |")
     print("|---|---:|---:|---:|")
     rate = {}

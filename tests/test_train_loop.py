@@ -212,6 +212,16 @@ def test_cli_resume_reuses_the_saved_options(tmp_path, data, capsys):
     assert "already holds a training run" in capsys.readouterr().err
 
 
+def test_cli_help_lists_the_flags_people_rely_on(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--preset", "--config", "--data", "--out", "--max-steps", "--save-every", "--dtype", "--seed",
+                 "--resume"):
+        assert flag in text
+
+
 def test_cli_reports_a_bad_option_in_one_line(capsys):
     assert main(["train", "--preset", "tiny", "--batch-size", "0"]) == 2
     assert "batch_size=0 must be a positive integer" in capsys.readouterr().err

@@ -77,8 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     bal.add_argument("--no-mtp", dest="mtp", action="store_false", default=S,
                      help="train without the multi-token-prediction module")
     bal.add_argument("--mtp-lambda", type=float, default=S,
-                     help=f"MTP loss weight for the first {d.mtp_switch * 100:.0f}%% of the steps (default: {d.mtp_lambda:g}; "
-                          f"then {d.mtp_lambda_late:g})")
+                     help=f"MTP loss weight for the first {d.mtp_switch * 100:.0f}%% of the steps "
+                          f"(default: {d.mtp_lambda:g}; then {d.mtp_lambda_late:g})")
 
     out = parser.add_argument_group("logging, evaluation and checkpoints")
     out.add_argument("--log-every", type=int, metavar="N", default=S,

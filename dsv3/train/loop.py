@@ -234,7 +234,7 @@ class Trainer:
         n_params = sum(p.numel() for p in self.model.parameters())
         self.log(f"training {n_params / 1e6:.1f}M parameters ({cfg.dtype}, balance {cfg.balance}, "
                  f"MTP {'on' if self.model.mtp else 'off'}) for {self.max_steps} steps of {cfg.tokens_per_step:,} "
-                 f"tokens into {self.run_dir}; matmul peak {human(self.peak)}FLOP/s")
+                 f"tokens into {self.run_dir}; matmul peak {self.peak / 1e12:.3g} TFLOP/s")
         bar = tqdm(total=self.max_steps, initial=self.step, desc="training", unit="step", dynamic_ncols=True,
                    disable=None if self.progress is None else not self.progress)
         window_tokens, window_seconds = 0, 0.0

@@ -134,7 +134,6 @@ def make_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = 
             ax.plot(val_steps, val, "o-", label="validation, mean over layers")
             ax.plot(*_series(records, "val_maxvio_max"), "s--", label="validation, worst layer")
         ax.set(xlabel="step", ylabel="MaxVio", title="load imbalance: (max load - mean) / mean")
-        ax.set_yscale("symlog", linthresh=0.1)
         ax.grid(alpha=0.3)
         ax.legend()
         save(fig, "maxvio.png")

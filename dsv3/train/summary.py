@@ -54,8 +54,8 @@ class Summary:
         rows = [
             ("tokens seen", f"{self.tokens:,} in {self.steps} steps ({self.epochs:.2f} passes over the training data)"),
             ("wall time", f"{_duration(self.wall_seconds)} (optimizer steps {_duration(self.train_seconds)})"),
-            ("throughput", f"{self.tokens_per_s:,.0f} tokens/s, MFU {self.mfu:.1%} of {human(self.peak_flops)}FLOP/s "
-                           f"({self.dtype} matmul peak of this machine)"),
+            ("throughput", f"{self.tokens_per_s:,.0f} tokens/s, MFU {self.mfu:.1%} of {self.peak_flops / 1e12:.3g} "
+                           f"TFLOP/s ({self.dtype} matmul peak of this machine)"),
         ]
         if self.val_loss is not None:
             val = f"loss {self.val_loss:.4f}, perplexity {self.val_ppl:.2f}"
@@ -66,7 +66,7 @@ class Summary:
             rows.append(("MTP top-1 accuracy", f"{self.val_mtp_acc:.1%} (the speculative acceptance to expect)"))
         rows.append(("on H800s", f"{human(self.total_flops)}FLOPs = {self.h800_gpu_hours * 3600:.3g} GPU-seconds, "
                                  f"${self.h800_usd:.2g} at ${DEFAULT_USD_PER_GPU_HOUR:g}/GPU-hour and DeepSeek-V3's "
-                                 f"{human(deepseek_v3_flops_per_gpu())}FLOP/s per GPU"))
+                                 f"{deepseek_v3_flops_per_gpu() / 1e12:.0f} TFLOP/s per GPU"))
         width = max(len(k) for k, _ in rows)
         return [f"  {k:<{width}}  {v}" for k, v in rows]
 
