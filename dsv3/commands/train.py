@@ -31,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help=f"where sources are tokenized into shards, reused while unchanged (default: {d.data_dir})")
     model.add_argument("--tokenizer", metavar="PATH", default=S,
                        help="use this tokenizer.json instead of training one on the data")
+    model.add_argument("--audit", choices=["off", "refuse", "clean"], default=S,
+                       help="audit the corpus for other models' self-identification before training: refuse to "
+                            "train on a flagged corpus, or train on the cleaned text (default: off)")
     model.add_argument("--out", metavar="DIR", default=S,
                        help="the run directory: model files, checkpoints, metrics (default: runs/PRESET)")
     model.add_argument("--resume", action="store_true", default=S,

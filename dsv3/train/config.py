@@ -38,6 +38,7 @@ class TrainConfig:
     data: list[str] = field(default_factory=list)
     data_dir: str = "data"  # where sources are prepared into (reused while they are unchanged)
     tokenizer: str | None = None  # a tokenizer.json to use instead of training one
+    audit: str = "off"  # audit the corpus for other models' self-identification first: off, refuse or clean
     out: str = "runs/small"  # the run directory: a model directory plus checkpoints and metrics
     # batch: batch_size sequences of seq_len tokens per micro-batch, grad_accum micro-batches per step
     batch_size: int = 8

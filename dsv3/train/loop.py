@@ -146,7 +146,7 @@ class Trainer:
             self.log(f"using the prepared data in {cfg.data[0]} ({human(info.tokens)} tokens)")
             return info
         return prepare(cfg.data, cfg.data_dir, vocab_size=self.model_cfg.vocab_size, tokenizer=cfg.tokenizer,
-                       log=self.log, progress=self.progress)
+                       audit=cfg.audit, log=self.log, progress=self.progress)
 
     def _restore(self) -> int:
         """Load the newest checkpoint of the run directory; returns its step (0 when there is none yet)."""
