@@ -16,11 +16,12 @@ MaxVio 0.04 (aux-free) vs 0.72 (aux-loss) with perplexity 9.50 vs 9.56.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 
-from dsv3.train import TrainConfig, train
+from ablation_runs import parse_args, run_config
+
+from dsv3.train import train
 from dsv3.train.metrics import read_metrics
 
 # row label -> TrainConfig changes
@@ -33,22 +34,12 @@ RUNS = {
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--preset", default="small")
-    ap.add_argument("--steps", type=int, default=100)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--eval-windows", type=int, default=96)
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
+    args = parse_args(__doc__)
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, (label, changes) in enumerate(RUNS.items()):
-            cfg = TrainConfig(preset=args.preset, max_steps=args.steps, batch_size=args.batch_size,
-                              seq_len=args.seq_len, eval_windows=args.eval_windows, eval_every=args.steps,
-                              save_every=args.steps, log_every=1, seed=args.seed, samples=0, tensorboard=False,
-                              out=f"{tmp}/{i}", **changes)
+            cfg = run_config(args, f"{tmp}/{i}", log_every=1, **changes)
             result = train(cfg, log=lambda _: None)
             records = read_metrics(result.run_dir)
             batch = [r["maxvio"] for r in records if "maxvio" in r]

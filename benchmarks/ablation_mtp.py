@@ -11,29 +11,20 @@ next-next token (the speculative-decoding acceptance to expect), and the trainin
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 
-from dsv3.train import TrainConfig, train
+from ablation_runs import parse_args, run_config
+
+from dsv3.train import train
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--preset", default="small")
-    ap.add_argument("--steps", type=int, default=100)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--eval-windows", type=int, default=96)
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
+    args = parse_args(__doc__)
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for mtp in (True, False):
-            cfg = TrainConfig(preset=args.preset, mtp=mtp, max_steps=args.steps, batch_size=args.batch_size,
-                              seq_len=args.seq_len, eval_windows=args.eval_windows, eval_every=args.steps,
-                              save_every=args.steps, seed=args.seed, samples=0, tensorboard=False,
-                              out=f"{tmp}/{'on' if mtp else 'off'}")
+            cfg = run_config(args, f"{tmp}/{'on' if mtp else 'off'}", mtp=mtp)
             s = train(cfg, log=lambda _: None).summary
             rows.append(("on" if mtp else "off", s))
             print(f"MTP {rows[-1][0]}: done ({s.train_seconds:.0f} s)", flush=True)
