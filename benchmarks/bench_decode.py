@@ -2,9 +2,10 @@
 
 A randomly initialised model of the `small` preset's shape (all V3 mechanisms on) is saved with
 `save_pretrained` and loaded back by `transformers.AutoModelForCausalLM`, so both decode the very same
-weights. Decode tokens/s excludes the prefill: for transformers it is (time for N+1 new tokens - time for 1)
-per N tokens; for dsv3, the engine's decode-step time. Each case runs --repeats times, the two
-implementations interleaved, and the best time counts (the least disturbed by other load on the machine).
+weights. Decode tokens/s excludes the prefill: for transformers it is the time from its first new token to
+its last (a stopping criterion notes each one), per N tokens; for dsv3, the engine's decode-step time. Each
+case runs --repeats times, the two implementations interleaved, and the best time counts (the least
+disturbed by other load on the machine).
 Cache bytes per token are read from the cache objects themselves after a generation.
 
     .venv/bin/python benchmarks/bench_decode.py --threads 1 --dtype fp32
@@ -23,7 +24,7 @@ import torch
 from dsv3 import DeepSeekV3, preset, save_pretrained
 from dsv3.infer import Engine, SamplingParams
 
-CASES = [(1, 32), (1, 1024), (8, 32)]  # (batch, prompt tokens)
+CASES = "1x32,1x1024,8x32,1x4096"  # batch x prompt tokens
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -36,16 +37,28 @@ def load_transformers(directory: str, dtype: torch.dtype):
     return transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).eval()
 
 
+class _Clock:
+    """A stopping criterion that never stops and notes when each new token was made."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+
 def hf_decode(hf, ids: torch.Tensor, n: int) -> tuple[float, list[list[int]], object]:
-    """Seconds to decode n tokens after the first (greedy), the tokens, and the cache object."""
+    """Seconds to decode n tokens after the first (greedy), the tokens, and the cache object. The clock runs from
+    the first new token (which ends the prefill) to the last, so the prefill's own variance stays out."""
+    from transformers import StoppingCriteriaList
+
+    clock = _Clock()
     kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None, return_dict_in_generate=True)
     with torch.inference_mode():
-        t0 = time.perf_counter()
-        hf.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
-        t1 = time.perf_counter()
-        out = hf.generate(ids, max_new_tokens=n + 1, min_new_tokens=n + 1, **kw)
-        t2 = time.perf_counter()
-    return (t2 - t1) - (t1 - t0), out.sequences[:, ids.shape[1] :].tolist(), out.past_key_values
+        out = hf.generate(ids, max_new_tokens=n + 1, min_new_tokens=n + 1,
+                          stopping_criteria=StoppingCriteriaList([clock]), **kw)
+    return clock.times[-1] - clock.times[0], out.sequences[:, ids.shape[1] :].tolist(), out.past_key_values
 
 
 def ours_decode(model, ids: torch.Tensor, n: int, cache_dtype: str) -> tuple[float, list[list[int]], Engine]:
@@ -70,12 +83,17 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--cases", default=CASES, help=f"comma-separated BATCHxPROMPT cases (default: {CASES})")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    cases = [tuple(int(v) for v in c.split("x")) for c in args.cases.split(",")]
+    # room for the longest prompt and its new tokens (the context limit changes no weight and no YaRN frequency)
+    longest = max(p for _, p in cases) + args.new_tokens + 8
     cfg = preset(args.preset)
+    cfg = cfg.replace(max_position_embeddings=max(cfg.max_position_embeddings, longest))
     model = DeepSeekV3(cfg)
     model.init_weights()
     model = model.to(DTYPES[args.dtype]).eval()
@@ -86,7 +104,7 @@ def main() -> None:
     print(f"# {args.preset} preset, {args.dtype} weights and cache, {args.threads} thread(s), {n} decoded tokens, "
           f"best of {args.repeats}")
     rows = []
-    for batch, prompt_len in CASES:
+    for batch, prompt_len in cases:
         ids = torch.randint(0, cfg.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(prompt_len))
         hf_decode(hf, ids, 2)  # warm-up
         ours_decode(model, ids, 2, args.dtype)
