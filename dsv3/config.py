@@ -90,6 +90,20 @@ class ModelConfig:
     def n_moe_layers(self) -> int:
         return self.num_hidden_layers - self.first_k_dense_replace
 
+    def is_moe_layer(self, layer: int) -> bool:
+        """Block `layer` has an MoE feed-forward; the first `first_k_dense_replace` blocks have a dense one.
+        MTP blocks (layer >= num_hidden_layers) are MoE blocks."""
+        return layer >= self.first_k_dense_replace
+
+    def mtp_layer_index(self, k: int) -> int:
+        """MTP module k (1-based) is layer num_hidden_layers + k - 1: its index in the checkpoint and the cache."""
+        return self.num_hidden_layers + k - 1
+
+    @property
+    def n_layers_with_mtp(self) -> int:
+        """Main blocks plus MTP blocks: the layers a cache for speculative decoding holds."""
+        return self.num_hidden_layers + self.num_nextn_predict_layers
+
     @property
     def uses_router_bias(self) -> bool:
         """The aux-loss-free selection bias exists only for DeepSeek-V3's routing."""
@@ -119,13 +133,12 @@ class ModelConfig:
 
     @property
     def softmax_scale(self) -> float:
-        """(nope + rope)^-1/2, times m^2 with m = 0.1 * mscale_all_dim * ln(factor) + 1 under YaRN."""
+        """(nope + rope)^-1/2, times m^2 with m = yarn_mscale(factor, mscale_all_dim) under YaRN."""
         scale = self.qk_head_dim**-0.5
         if self.rope_type == "yarn":
             y = self.yarn()
-            if y["mscale_all_dim"] and y["factor"] > 1:
-                m = 0.1 * y["mscale_all_dim"] * math.log(y["factor"]) + 1.0
-                scale *= m * m
+            if y["mscale_all_dim"]:
+                scale *= yarn_mscale(y["factor"], y["mscale_all_dim"]) ** 2
         return scale
 
     # ----- validation --------------------------------------------------------------------------
@@ -293,6 +306,11 @@ class ModelConfig:
         from dsv3.utils import atomic_write_text
 
         atomic_write_text(path, json.dumps(self.to_hf(), indent=2) + "\n")
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature 0.1 * m * ln(s) + 1 for a context stretched s times (1 when not stretched)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
 _MISSING = object()

@@ -11,10 +11,8 @@ from safetensors.torch import load_file, save_file
 
 from dsv3 import DeepSeekV3, load_pretrained, preset, save_pretrained
 from dsv3.checkpoint.convert import convert_checkpoint
-from dsv3.checkpoint.fp8 import dequantize_blockwise, quantize_blockwise
 from dsv3.errors import CheckpointError, ConfigError
-
-transformers = pytest.importorskip("transformers")
+from dsv3.fp8 import dequantize_blocks, quantize_blocks
 
 YARN = {"type": "yarn", "factor": 4, "original_max_position_embeddings": 64, "beta_fast": 32, "beta_slow": 1,
         "mscale": 1.0, "mscale_all_dim": 1.0}  # fmt: skip
@@ -31,10 +29,15 @@ V2_SHAPES = {
     "greedy": dict(topk_method="greedy", n_group=1, topk_group=1),
     "group_limited_greedy": dict(topk_method="group_limited_greedy", n_group=4, topk_group=2),
 }
-PARITY: dict[str, float] = {}  # name -> max |logit difference| relative to the logits' scale, printed at the end
 
 
-def _hf_model(cfg):
+@pytest.fixture
+def transformers():
+    """The numerical reference; only the tests that compare against it need it."""
+    return pytest.importorskip("transformers")
+
+
+def _hf_model(transformers, cfg):
     cls = transformers.DeepseekV2ForCausalLM if cfg.model_type == "deepseek_v2" else transformers.DeepseekV3ForCausalLM
     config_cls = transformers.DeepseekV2Config if cfg.model_type == "deepseek_v2" else transformers.DeepseekV3Config
     torch.manual_seed(0)
@@ -51,41 +54,34 @@ def _hf_model(cfg):
     return model
 
 
-def _compare(ref, got, name):
+def _compare(ref, got, name, figures):
     scale = ref.abs().max().item()
     diff = (ref - got).abs().max().item()
-    PARITY[name] = diff
+    figures.append(f"parity {name}: max |logit diff| = {diff:.2e} (logit scale {scale:.2f})")
     assert diff <= 1e-5 * scale, f"{name}: max |diff| {diff:.3g} at logit scale {scale:.3g}"
 
 
 @pytest.mark.parametrize("name", list(V3_SHAPES) + [f"v2/{k}" for k in V2_SHAPES])
 @torch.no_grad()
-def test_logits_match_transformers_both_directions(name, tmp_path):
+def test_logits_match_transformers_both_directions(name, tmp_path, transformers, figures):
     if name.startswith("v2/"):
         changes = dict(model_type="deepseek_v2", scoring_func="softmax", norm_topk_prob=False,
                        routed_scaling_factor=1.5, q_lora_rank=None, **V2_SHAPES[name[3:]])  # fmt: skip
     else:
         changes = V3_SHAPES[name]
     cfg = BASE.replace(**changes)
-    hf = _hf_model(cfg)
+    hf = _hf_model(transformers, cfg)
     hf.save_pretrained(tmp_path / "hf")
     ids = torch.randint(0, cfg.vocab_size, (2, 160))
     ref = hf(ids).logits
 
     ours = load_pretrained(tmp_path / "hf", torch.float32)
-    _compare(ref, ours(ids), name)
-    _compare(ref, ours.set_impl(attn="absorb", experts="loop")(ids), name + " (absorbed, expert loop)")
+    _compare(ref, ours(ids), name, figures)
+    _compare(ref, ours.set_impl(experts="loop")(ids, attn="absorb"), name + " (absorbed, expert loop)", figures)
 
     save_pretrained(ours, tmp_path / "ours")  # and back: transformers loads what we write
     hf2 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", dtype=torch.float32).eval()
-    _compare(ref, hf2(ids).logits, name + " (transformers loading ours)")
-
-
-def test_print_parity_table(capsys):
-    """Runs last in this file: the figures quoted for the parity tests (visible with -s)."""
-    with capsys.disabled():
-        for name, diff in PARITY.items():
-            print(f"parity {name}: max |logit diff| = {diff:.2e}")
+    _compare(ref, hf2(ids).logits, name + " (transformers loading ours)", figures)
 
 
 def _tiny_model(**changes):
@@ -98,7 +94,8 @@ def _tiny_model(**changes):
 
 
 @torch.no_grad()
-def test_mtp_layers_round_trip_and_transformers_style_checkpoints_load_without_them(tmp_path):
+def test_mtp_layers_round_trip_and_transformers_style_checkpoints_load_without_them(tmp_path, transformers,
+                                                                                    figures):
     model = _tiny_model()
     save_pretrained(model, tmp_path / "m")
     keys = set(load_file(tmp_path / "m" / "model.safetensors"))
@@ -110,7 +107,7 @@ def test_mtp_layers_round_trip_and_transformers_style_checkpoints_load_without_t
 
     # transformers keeps num_nextn_predict_layers: 1 but drops the MTP tensors: load without MTP, one warning
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()
-    _compare(a.logits, hf(ids).logits, "transformers loading a model initialised here")
+    _compare(a.logits, hf(ids).logits, "transformers loading a model initialised here", figures)
     hf.save_pretrained(tmp_path / "hf")
     with pytest.warns(UserWarning, match="MTP") as record:
         plain = load_pretrained(tmp_path / "hf", torch.float32)
@@ -149,9 +146,9 @@ def test_key_names_are_pinned(tmp_path):
 def test_fp8_block_quantiser_with_partial_edge_blocks():
     torch.manual_seed(0)
     w = torch.randn(300, 200) * torch.logspace(-3, 1, 200)  # blocks of very different magnitudes
-    q, scale = quantize_blockwise(w)
+    q, scale = quantize_blocks(w)
     assert q.dtype == torch.float8_e4m3fn and scale.shape == (3, 2)  # ceil(300/128), ceil(200/128)
-    back = dequantize_blockwise(q, scale, torch.float32)
+    back = dequantize_blocks(q, scale, torch.float32)
     # e4m3 keeps 3 mantissa bits: relative error <= 2^-4, plus the subnormal step (2^-9 of the block scale)
     step = scale.repeat_interleave(128, 0).repeat_interleave(128, 1)[:300, :200] * 2**-9
     assert ((back - w).abs() <= w.abs() * 2**-4 + step).all()

@@ -12,7 +12,6 @@ from dsv3.cli import main
 from dsv3.infer import Engine, SamplingParams
 from dsv3.infer.byte_tokenizer import ByteTokenizer
 from dsv3.infer.chat import ChatTemplate, deepseek_v3_format
-from dsv3.infer.decode import DecodeForward
 from dsv3.infer.sampling import probabilities, sample
 from dsv3.infer.speculative import Draft, verify
 from dsv3.infer.text import TextStream
@@ -101,32 +100,45 @@ def test_batched_latent_cache_decoding_equals_full_recomputation():
         assert_same_or_near_tie(model, prompt, alone, got)
 
 
-def test_fast_decode_forward_equals_the_model():
-    """DecodeForward computes model.run's function (absorbed attention) for decode-sized steps, MTP included."""
+def test_decode_sized_steps_absorbed_equal_naive_with_mtp():
+    """What the engine runs for a speculative step (two tokens per row, rows at different lengths, the MTP step
+    after it) gives the same logits with the absorbed attention as with the naive one."""
     model = random_tiny()
     cfg = model.config
-    cache_a, cache_b = (LatentCache(cfg, 3, 16, dtype=torch.float32) for _ in range(2))
+    caches = {impl: LatentCache(cfg, 3, 16, dtype=torch.float32) for impl in ("naive", "absorb")}
     prompt = torch.randint(0, cfg.vocab_size, (3, 9))
+    ids = torch.randint(0, cfg.vocab_size, (3, 2))
+    positions = torch.tensor([[9, 10], [4, 5], [7, 8]])
+    out = {}
     with torch.no_grad():
-        model.run(prompt, None, cache_a)
-        model.run(prompt, None, cache_b)
-        fast = DecodeForward(model)
-        ids = torch.randint(0, cfg.vocab_size, (3, 2))
-        positions = torch.tensor([[9, 10], [4, 5], [7, 8]])  # rows at different lengths, two tokens each
-        model.set_impl(attn="absorb")
-        ref = model.run(ids, positions, cache_a)
-        logits, hidden = fast.run(ids, positions, cache_b)
-        torch.testing.assert_close(logits, ref.logits, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(hidden, ref.hidden, rtol=1e-4, atol=1e-5)
-        mtp = model.mtp[0]
-        h_ref, _ = mtp(ref.hidden, model.embed(ids), model.rope(positions), positions, cache_a)
-        torch.testing.assert_close(fast.mtp(mtp, hidden, ids, positions, cache_b), h_ref, rtol=1e-4, atol=1e-5)
-        model.set_impl(attn="naive")
-    reference = Engine(model, max_batch=3, cache_dtype="fp32", decode="reference", speculative=True)
-    fast_engine = Engine(model, max_batch=3, cache_dtype="fp32", speculative=True)
-    prompts = prompt.tolist()
-    assert [s.tokens for s in reference.generate(prompts, GREEDY)] == [s.tokens for s in fast_engine.generate(
-        prompts, GREEDY)]
+        for impl, cache in caches.items():
+            model.run(prompt, None, cache, attn="naive")
+            step = model.run(ids, positions, cache, attn=impl)
+            pick = torch.tensor([[0], [1], [1]])
+            draft = model.mtp_step(step.hidden, ids, positions, cache, attn=impl, logits_at=pick)
+            out[impl] = (step.logits, step.hidden, draft.logits)
+    for a, b in zip(out["naive"], out["absorb"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_cache_grows_with_the_requests_not_with_the_model_context():
+    """A model that allows 163,840 tokens gets a cache as long as prompt + max_new_tokens, grown as they come."""
+    model = random_tiny()
+    model.config = model.config.replace(max_position_embeddings=163840)
+    engine = Engine(model, max_batch=2, cache_dtype="fp32")
+    assert engine.max_len == 163840 and engine.cache.max_len == 0
+    short = engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=5))[0]
+    assert engine.cache.max_len <= 3 + 5 and len(short.tokens) == 5
+    prompt = list(range(1, 41))
+    seq = engine.generate([prompt], SamplingParams(max_new_tokens=30))[0]
+    assert engine.cache.max_len <= 40 + 30
+    assert seq.tokens == Engine(model, max_batch=1, cache_dtype="fp32").generate([prompt], SamplingParams(
+        max_new_tokens=30))[0].tokens  # growing kept what was cached
+    bounded = Engine(model, cache_dtype="fp32", max_len=20)
+    with pytest.raises(ValueError, match="context holds 20"):
+        bounded.add(list(range(1, 25)), GREEDY)
+    assert bounded.generate([[1, 2]], SamplingParams(max_new_tokens=50))[0].finish_reason == "length"
+    assert bounded.cache.max_len <= 21
 
 
 def test_rows_are_reused_as_sequences_finish():

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from dsv3 import DeepSeekV3, LatentCache, preset
+from dsv3.model.attention import AttentionContext
 from dsv3.model.moe import GroupedExperts, Router
 from dsv3.params import count_parameters
 
@@ -50,8 +51,22 @@ def test_rows_at_different_positions_share_a_decode_step():
     assert torch.allclose(step[1, 0], model(b)[0, -1], atol=1e-5)
 
 
+@pytest.fixture
+def grouped_mm_calls(monkeypatch):
+    """Counts the grouped-matmul kernel's calls, so a test comparing it with the loop knows it really ran."""
+    calls = []
+    real = torch._grouped_mm
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].dtype)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_grouped_mm", counted)
+    return calls
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_grouped_experts_equal_the_per_expert_loop_including_idle_experts(dtype):
+def test_grouped_experts_equal_the_per_expert_loop_including_idle_experts(dtype, grouped_mm_calls):
     torch.manual_seed(0)
     grouped = GroupedExperts(6, 32, 16, impl="grouped")
     torch.nn.init.normal_(grouped.w1, std=0.2), torch.nn.init.normal_(grouped.w2, std=0.2)
@@ -63,7 +78,10 @@ def test_grouped_experts_equal_the_per_expert_loop_including_idle_experts(dtype)
     x = torch.randn(12, 32, dtype=dtype)
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     g = torch.randn(12, 32, dtype=dtype)
-    y1, y2 = grouped(x1, counts), loop(x2, counts)
+    y1 = grouped(x1, counts)
+    assert grouped_mm_calls == [dtype] * 3  # the grouped kernel ran, once per projection
+    y2 = loop(x2, counts)
+    assert len(grouped_mm_calls) == 3  # and the reference did not use it
     (y1 * g).sum().backward()
     (y2 * g).sum().backward()
     tol = 1e-5 if dtype == torch.float32 else 2e-2
@@ -75,12 +93,14 @@ def test_grouped_experts_equal_the_per_expert_loop_including_idle_experts(dtype)
         assert ga[1].abs().max() == 0 and ga[3].abs().max() == 0  # idle experts get zero gradient
 
 
-def test_whole_model_grouped_equals_loop_forward_and_backward():
+def test_whole_model_grouped_equals_loop_forward_and_backward(grouped_mm_calls):
     ids = torch.randint(0, 512, (2, 20))
     grads = []
     for impl in ("grouped", "loop"):
         model = tiny_model(seed=1).set_impl(experts=impl)
+        before = len(grouped_mm_calls)
         out = model.run(ids, mtp=True)
+        assert (len(grouped_mm_calls) > before) == (impl == "grouped")  # 2 MoE layers x 3 projections, or none
         (out.logits.square().mean() + out.mtp_logits[0].square().mean()).backward()
         grads.append((out.logits.detach(), model.layers[1].ffn.experts.w2.grad.clone()))
     assert torch.allclose(grads[0][0], grads[1][0], atol=1e-5)
@@ -114,19 +134,46 @@ def test_group_limited_routing_only_picks_from_the_best_groups():
     assert all(set(c.tolist()) <= set(g.tolist()) for c, g in zip(chosen_groups, best_groups))
 
 
+def _rms(x, weight, eps=1e-6):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+@torch.no_grad()
 def test_mtp_outputs_follow_the_equations():
+    """h' = W_eh [norm_e(emb(t_{i+1})) ; norm_h(h_i)], h = Block(h'), logits = head(norm(h)), computed here from
+    the weights themselves: W_eh split into its embedding half and its hidden half, the norms written out."""
     model = tiny_model()
     ids = torch.randint(0, 512, (2, 12))
     out = model.run(ids, mtp=True)
     assert out.logits.shape == (2, 12, 512) and out.mtp_logits[0].shape == (2, 11, 512)
     assert len(out.routing) == 1 and len(out.mtp_routing) == 1
-    # h' = W_eh [norm_e(emb(t_{i+1})) ; norm_h(h_i)], h = Block(h'), logits = head(norm(h))
-    m = model.mtp[0]
+    m, d = model.mtp[0], model.config.hidden_size
+    w_e, w_h = m.eh_proj.weight[:, :d], m.eh_proj.weight[:, d:]  # [d, d] each: the embedding half comes first
+    emb_next = model.embed.weight[ids[:, 1:]]  # t_{i+1} for positions 0..10
+    h_prev = out.hidden[:, :11]  # the main model's last block before its final norm
+    h_in = _rms(emb_next, m.enorm.weight) @ w_e.T + _rms(h_prev, m.hnorm.weight) @ w_h.T
     positions = torch.arange(11).expand(2, 11)
-    h = m.eh_proj(torch.cat([m.enorm(model.embed(ids[:, 1:])), m.hnorm(out.hidden[:, :11])], -1))
-    h, _ = m.block(h, model.rope(positions), positions)
-    assert torch.allclose(out.mtp_logits[0], model.head(m.norm(h)), atol=1e-6)
+    h, _ = m.block(h_in, AttentionContext.build(positions, model.rope(positions), cached=False))
+    expected = _rms(h, m.norm.weight) @ model.head.weight.T
+    torch.testing.assert_close(out.mtp_logits[0], expected, rtol=1e-5, atol=1e-5)
     assert torch.equal(model(ids), out.logits)  # MTP does not touch the main head
+    # the public one-module step computes the same thing (what speculative decoding drafts with)
+    step = model.mtp_step(h_prev, ids[:, 1:], positions)
+    torch.testing.assert_close(step.logits, out.mtp_logits[0], rtol=1e-6, atol=1e-6)
+    picked = model.mtp_step(h_prev, ids[:, 1:], positions, logits_at=torch.tensor([[3], [7]]))
+    torch.testing.assert_close(picked.logits[:, 0], out.mtp_logits[0][[0, 1], [3, 7]], rtol=1e-6, atol=1e-6)
+
+
+def test_implementation_names_are_checked():
+    model = tiny_model()
+    ids = torch.randint(0, 512, (1, 4))
+    for bad in (dict(attn="absorbd"), dict(experts="grouped_mm")):
+        with pytest.raises(ValueError, match="is not one of"):
+            model.set_impl(**bad)
+    with pytest.raises(ValueError, match="attention impl 'absorbd'"):
+        model(ids, attn="absorbd")
+    with pytest.raises(ValueError, match="experts impl"):
+        DeepSeekV3(preset("tiny"), experts_impl="fast")
 
 
 def test_init_weights_after_meta_build():

@@ -10,10 +10,10 @@ import torch
 
 from dsv3.checkpoint import names
 from dsv3.checkpoint.files import CheckpointReader, nbytes, plan_shards, write_shards
-from dsv3.checkpoint.fp8 import fp8_nbytes, quantize_blockwise
 from dsv3.checkpoint.pretrained import DTYPES, SCALE_SUFFIX, read_tensor, write_config
 from dsv3.config import ModelConfig
 from dsv3.errors import CheckpointError
+from dsv3.fp8 import fp8_nbytes, quantize_blocks
 
 # files beside the weights that a model directory carries along
 SIDECARS = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
@@ -49,7 +49,7 @@ def convert_checkpoint(
         for key in shard_keys:
             t = read_tensor(reader, key, out_dtype(key))
             if fp8 and names.is_fp8_in_release(key):
-                out[key], out[key + SCALE_SUFFIX] = quantize_blockwise(t)
+                out[key], out[key + SCALE_SUFFIX] = quantize_blocks(t)
             else:
                 out[key] = t
         return out

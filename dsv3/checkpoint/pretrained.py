@@ -9,9 +9,9 @@ import torch
 
 from dsv3.checkpoint import names
 from dsv3.checkpoint.files import CheckpointReader, nbytes, plan_shards, write_shards
-from dsv3.checkpoint.fp8 import dequantize_blockwise, fp8_nbytes, quantize_blockwise
 from dsv3.config import ModelConfig
 from dsv3.errors import CheckpointError
+from dsv3.fp8 import dequantize_blocks, fp8_nbytes, quantize_blocks
 from dsv3.model import DeepSeekV3
 
 SCALE_SUFFIX = "_scale_inv"  # X.weight -> X.weight_scale_inv
@@ -40,7 +40,7 @@ def read_tensor(reader: CheckpointReader, key: str, dtype: torch.dtype) -> torch
         if scale_key not in reader:
             raise CheckpointError(f"FP8 tensor {key} has no {scale_key} beside it; the checkpoint is incomplete")
         try:
-            return dequantize_blockwise(t, reader.get(scale_key), dtype)
+            return dequantize_blocks(t, reader.get(scale_key), dtype)
         except ValueError as e:
             raise CheckpointError(f"FP8 tensor {key}: {e}") from None
     return t.to(dtype)
@@ -191,7 +191,7 @@ def save_pretrained(
         for name in shard_names:
             t = tensors[name]
             if fp8 and names.is_fp8_in_release(name):
-                out[name], out[name + SCALE_SUFFIX] = quantize_blockwise(t)
+                out[name], out[name + SCALE_SUFFIX] = quantize_blocks(t)
             else:
                 out[name] = t.detach().to("cpu", final_dtype(name, t)).clone()
         return out

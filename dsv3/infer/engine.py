@@ -7,7 +7,11 @@ row's slots 0..position, so rows of different lengths share a batch with no padd
 sequences free their row at once, and the next step can hand it to a waiting one (continuous batching).
 
 Prefill runs the "naive" attention (per-head K/V, the fast SDPA kernel over long prompts); decoding runs
-the "absorb" one, which attends over the cached latent and never re-expands it (DESIGN section 3).
+the "absorb" one, which attends over the cached latent and never re-expands it (DESIGN section 3). The engine
+only schedules: every forward is a call to the model's public `run` or `mtp_step`.
+
+The cache holds `max_batch` rows and grows with the requests (see `ServingConfig`): never longer than the
+longest prompt + max_new_tokens in flight, nor than the context bound.
 
 With `speculative=True`, MTP module 1 drafts one token per step and the main model checks it in the same
 forward that produces the next token (see `speculative.py`): up to two tokens per step for the price of
@@ -20,7 +24,9 @@ State of a running sequence between steps (n = its length - 1):
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import math
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -28,7 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dsv3.infer.decode import DecodeForward
+from dsv3.infer.config import ServingConfig
 from dsv3.infer.sampling import SamplingParams, sample
 from dsv3.infer.speculative import Draft, draft_token, verify
 from dsv3.infer.text import Decoder, TextStream
@@ -94,39 +100,31 @@ class Stats:
 
 
 class Engine:
-    """Continues many sequences at once over one latent cache of `max_batch` rows of `max_len` tokens.
+    """Continues many sequences at once over one latent cache of `max_batch` rows (see `ServingConfig`).
 
     `tokenizer` (anything with `decode`) turns tokens into streamed text and enables stop strings; without
-    one, sequences produce tokens only. `decode` chooses the forward of decode steps: "fast" (`DecodeForward`)
-    or "reference" (`model.run` with the absorbed attention); both compute the same function.
+    one, sequences produce tokens only. `Engine(model, tok, max_batch=8)` is `Engine(model, tok,
+    ServingConfig(max_batch=8))`.
     """
 
-    def __init__(
-        self,
-        model: DeepSeekV3,
-        tokenizer: Decoder | None = None,
-        *,
-        max_batch: int = 8,
-        max_len: int | None = None,
-        cache_dtype: str = "bf16",
-        speculative: bool = False,
-        decode: str = "fast",
-    ):
+    GROWTH = 1.5  # the cache grows geometrically, so a long generation copies it a logarithmic number of times
+
+    def __init__(self, model: DeepSeekV3, tokenizer: Decoder | None = None, config: ServingConfig | None = None,
+                 **changes):
+        config = dataclasses.replace(config or ServingConfig(), **changes)
         cfg = model.config
-        if decode not in ("fast", "reference"):
-            raise ValueError(f"decode={decode!r} is not 'fast' or 'reference'")
-        if speculative and not len(model.mtp):
+        self.max_len = config.context_bound(cfg)
+        if config.speculative and not len(model.mtp):
             raise ValueError("speculative decoding needs a model with an MTP module (num_nextn_predict_layers >= 1)")
+        self.config = config
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.max_len = min(max_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
-        self.speculative = speculative
-        self.fast = DecodeForward(model) if decode == "fast" else None
+        self.speculative = config.speculative
         self.device = next(model.parameters()).device
-        # speculation writes the draft one slot past the last token, and MTP module 1 needs its own layer
-        n_layers = cfg.num_hidden_layers + (1 if speculative else 0)
-        self.cache = new_cache(cfg, max_batch, self.max_len + 1, cache_dtype, self.device, n_layers)
-        self.free_rows = list(range(max_batch))
+        # MTP module 1 needs its own layer of the cache when it drafts
+        n_layers = cfg.num_hidden_layers + (1 if self.speculative else 0)
+        self.cache = new_cache(cfg, config.max_batch, 0, config.cache_dtype, self.device, n_layers)
+        self.free_rows = list(range(config.max_batch))
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.stats = Stats()
@@ -237,21 +235,18 @@ class Engine:
         ids = ids.to(self.device)
         positions = torch.arange(T, device=self.device).expand(len(batch), T)  # [B, T]
         cache = self.cache.rows([s.row for s in batch])
-        last = (lengths - 1).to(self.device)  # [B], each prompt's last position
-        self.model.set_impl(attn="naive")
-        out = self.model.run(ids, positions, cache)
-        rows = torch.arange(len(batch), device=self.device)
-        logits = out.logits[rows, last]  # [B, V]
-        for s, row_logits in zip(batch, logits):
+        last = (lengths - 1).to(self.device)[:, None]  # [B, 1], each prompt's last position
+        self._reserve(T, batch)
+        out = self.model.run(ids, positions, cache, attn="naive", logits_at=last)
+        for s, row_logits in zip(batch, out.logits[:, 0]):
             self._append(s, sample(row_logits, s.params, s.generator))
         if self.speculative:
             # MTP slot p reads (h_p, t_{p+1}): the prompt shifted by one, then the token just sampled
             next_ids = torch.zeros_like(ids)
             for i, s in enumerate(batch):
                 next_ids[i, : len(s.prompt)] = torch.tensor(s.prompt[1:] + s.tokens[:1])
-            mtp = self.model.mtp[0]
-            h, _ = mtp(out.hidden, self.model.embed(next_ids), self.model.rope(positions), positions, cache)
-            self._draft(batch, mtp, h, pick=last)
+            draft = self.model.mtp_step(out.hidden, next_ids, positions, cache, attn="naive", logits_at=last)
+            self._draft(batch, draft.logits[:, 0])
         self.stats.prompt_tokens += int(lengths.sum())
         self.stats.prefill_time += time.perf_counter() - t0
         self.running += batch
@@ -260,7 +255,9 @@ class Engine:
     def _decode_step(self, active: list[Sequence]) -> None:
         ids = torch.tensor([[s.tokens[-1]] for s in active], device=self.device)  # [B, 1]
         positions = torch.tensor([[s.length - 1] for s in active], device=self.device)  # [B, 1]
-        logits = self._forward(ids, positions, self.cache.rows([s.row for s in active]))[0][:, -1]  # [B, V]
+        self._reserve(int(positions.max()) + 1)
+        cache = self.cache.rows([s.row for s in active])
+        logits = self.model.run(ids, positions, cache, attn="absorb").logits[:, -1]  # [B, V]
         if all(s.params.greedy for s in active):
             for s, t in zip(active, logits.argmax(dim=-1).tolist()):
                 self._append(s, t)
@@ -273,12 +270,13 @@ class Engine:
         token after it when the draft is accepted. Then MTP drafts again from wherever each row ended."""
         ids = torch.tensor([[s.tokens[-1], s.draft.token] for s in active], device=self.device)  # [B, 2]
         positions = torch.tensor([[s.length - 1, s.length] for s in active], device=self.device)  # [B, 2]
+        self._reserve(int(positions.max()) + 1)
         cache = self.cache.rows([s.row for s in active])
-        logits, hidden = self._forward(ids, positions, cache)  # [B, 2, V], [B, 2, d]
+        out = self.model.run(ids, positions, cache, attn="absorb")  # logits [B, 2, V], hidden [B, 2, d]
         next_ids = torch.zeros_like(ids)
         accepted = []
         for i, s in enumerate(active):
-            new = verify(logits[i], s.draft, s.params, s.generator)
+            new = verify(out.logits[i], s.draft, s.params, s.generator)
             s.n_drafted += 1
             s.n_accepted += len(new) - 1
             accepted.append(len(new) - 1)
@@ -287,29 +285,27 @@ class Engine:
             next_ids[i] = torch.tensor([new[0], new[-1]])  # the second slot is only read when accepted
         self.stats.drafted += len(active)
         self.stats.accepted += sum(accepted)
-        mtp = self.model.mtp[0]
-        if self.fast is not None:
-            h = self.fast.mtp(mtp, hidden, next_ids, positions, cache)
-        else:
-            h, _ = mtp(hidden, self.model.embed(next_ids), self.model.rope(positions), positions, cache)
-        self._draft(active, mtp, h, pick=torch.tensor(accepted, device=self.device))
+        # the draft is read at each row's last real position: n when the draft was rejected, n+1 when kept
+        pick = torch.tensor(accepted, device=self.device)[:, None]  # [B, 1]
+        draft = self.model.mtp_step(out.hidden, next_ids, positions, cache, attn="absorb", logits_at=pick)
+        self._draft(active, draft.logits[:, 0])
 
-    def _forward(self, ids, positions, cache) -> tuple[torch.Tensor, torch.Tensor]:
-        """A decode-step forward: (logits [B, T, V], hidden [B, T, d])."""
-        if self.fast is not None:
-            return self.fast.run(ids, positions, cache)
-        self.model.set_impl(attn="absorb")
-        out = self.model.run(ids, positions, cache)
-        return out.logits, out.hidden
-
-    def _draft(self, seqs, mtp, h, pick: torch.Tensor) -> None:
-        """Draft each running sequence's next-but-one token from MTP's output h [B, T, d] (which wrote its cache
-        slots), read at column `pick`: the row's last real position."""
-        rows = torch.arange(len(seqs), device=self.device)
-        logits = self.model.head(mtp.norm(h[rows, pick]))  # [B, V]
+    def _draft(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        """Each running sequence's draft of its next-but-one token from MTP's logits [B, V]."""
         for s, row_logits in zip(seqs, logits):
             if not s.done:
                 s.draft = draft_token(row_logits, s.params, s.generator)
+
+    def _reserve(self, slots: int, admitted: list[Sequence] = ()) -> None:
+        """Grow the cache so that every row holds `slots` slots: geometrically, but never past what the
+        sequences in flight can use (prompt + max_new_tokens each: a speculative step may write one slot past
+        the last token) nor past the context bound."""
+        if slots <= self.cache.max_len:
+            return
+        live = [*self.running, *admitted]
+        usable = max((len(s.prompt) + s.params.max_new_tokens for s in live), default=slots)
+        target = min(max(slots, math.ceil(self.cache.max_len * self.GROWTH)), usable, self.max_len + 1)
+        self.cache.resize(max(target, slots))
 
     # ----- bookkeeping -------------------------------------------------------------------------------
     def _append(self, s: Sequence, token: int) -> None:

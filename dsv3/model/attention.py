@@ -11,6 +11,8 @@ Two computations give the same result:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,12 +25,44 @@ from dsv3.model.rope import apply_rope
 ATTN_IMPLS = ("naive", "absorb")
 
 
+def check_attn_impl(impl: str) -> str:
+    if impl not in ATTN_IMPLS:
+        raise ValueError(f"attention impl {impl!r} is not one of {', '.join(ATTN_IMPLS)}")
+    return impl
+
+
+@dataclass
+class AttentionContext:
+    """What every attention layer of one forward pass shares, built once per pass rather than once per layer.
+
+    positions [B, T]: each token's absolute position; rotation [B, T, 1, r/2]: its RoPE rotation (complex);
+    mask [B, T, S]: 0 where a token may attend to cache slot s (s <= its position), -inf elsewhere; None when
+    there is no cache and the T tokens attend causally among themselves (positions then are 0..T-1).
+    """
+
+    positions: torch.Tensor
+    rotation: torch.Tensor
+    mask: torch.Tensor | None = None
+
+    @classmethod
+    def build(cls, positions: torch.Tensor, rotation: torch.Tensor, cached: bool) -> AttentionContext:
+        if not cached:
+            return cls(positions, rotation)
+        slots = torch.arange(int(positions.max()) + 1, device=positions.device)
+        mask = torch.zeros(*positions.shape, slots.numel(), device=positions.device)
+        return cls(positions, rotation, mask.masked_fill_(slots > positions[..., None], float("-inf")))
+
+    def first(self, n: int) -> AttentionContext:
+        """The context of the first n tokens of each row (what MTP module k sees: positions 0..T-k-1)."""
+        mask = None
+        if self.mask is not None:
+            mask = self.mask[:, :n, : int(self.positions[:, :n].max()) + 1]
+        return AttentionContext(self.positions[:, :n], self.rotation[:, :n], mask)
+
+
 class MLA(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, impl: str = "naive"):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
-        if impl not in ATTN_IMPLS:
-            raise ValueError(f"attention impl {impl!r} is not one of {ATTN_IMPLS}")
-        self.impl = impl
         self.layer_idx = layer_idx
         self.n_heads = cfg.num_attention_heads
         self.nope, self.rope, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
@@ -49,35 +83,27 @@ class MLA(nn.Module):
         self.wo = nn.Linear(H * cfg.v_head_dim, d, bias=False)
 
     def forward(
-        self,
-        x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        positions: torch.Tensor,
-        cache: LatentCache | None = None,
+        self, x: torch.Tensor, ctx: AttentionContext, cache: LatentCache | None = None, impl: str = "naive"
     ) -> torch.Tensor:
-        """x [B, T, d] -> [B, T, d]. Without a cache the T tokens attend causally among themselves
-        (positions must then be 0..T-1 in order); with one, each query at position p sees cached slots 0..p."""
+        """x [B, T, d] -> [B, T, d]. Without a cache the T tokens attend causally among themselves; with one,
+        they are written at ctx.positions and each attends to its row's cached slots 0..its position."""
         B, T, _ = x.shape
         q = self.wq(x) if hasattr(self, "wq") else self.wq_b(self.q_norm(self.wq_a(x)))
-        q = q.view(B, T, self.n_heads, self.nope + self.rope)  # [B, T, H, n+r]
-        q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
-        q_pe = apply_rope(q_pe, *rope)
+        q_nope, q_pe = q.view(B, T, self.n_heads, self.nope + self.rope).split([self.nope, self.rope], dim=-1)
+        q_pe = apply_rope(q_pe, ctx.rotation)  # [B, T, H, r]
         c_kv, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.rope], dim=-1)  # [B, T, c], [B, T, r]
         c_kv = self.kv_norm(c_kv)
-        k_pe = apply_rope(k_pe[:, :, None], *rope)[:, :, 0]  # one rotated key shared by all heads
-
-        mask = None  # None: causal over the T tokens themselves
+        k_pe = apply_rope(k_pe[:, :, None], ctx.rotation)[:, :, 0]  # one rotated key shared by all heads
         if cache is not None:
-            c_kv, k_pe = cache.update(self.layer_idx, positions, c_kv, k_pe)  # [B, S, c], [B, S, r]
-            slots = torch.arange(c_kv.shape[1], device=x.device)
-            mask = slots[None, None, :] <= positions[:, :, None]  # [B, T, S]
-        if self.impl == "absorb":
-            out = self._absorbed(q_nope, q_pe, c_kv, k_pe, mask)
+            c_kv, k_pe = cache.update(self.layer_idx, ctx.positions, c_kv, k_pe)  # [B, S, c], [B, S, r]
+        if impl == "absorb":
+            out = self._absorbed(q_nope, q_pe, c_kv, k_pe, ctx.mask)
         else:
-            out = self._naive(q_nope, q_pe, c_kv, k_pe, mask)
+            out = self._naive(q_nope, q_pe, c_kv, k_pe, ctx.mask)
         return self.wo(out.flatten(2))  # [B, T, H*v] -> [B, T, d]
 
     def _naive(self, q_nope, q_pe, c_kv, k_pe, mask) -> torch.Tensor:
+        """Expand the latent to per-head keys and values, then one SDPA call: [B, T, H, v]."""
         B, S, H = c_kv.shape[0], c_kv.shape[1], self.n_heads
         kv = self.wkv_b(c_kv).view(B, S, H, self.nope + self.v_dim)  # [B, S, H, n+v]
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
@@ -94,23 +120,27 @@ class MLA(nn.Module):
             q,
             k,
             v,
-            attn_mask=None if mask is None else mask[:, None],
+            attn_mask=None if mask is None else mask[:, None].to(q.dtype),  # [B, 1, T, S]
             is_causal=mask is None and q.shape[2] > 1,
             scale=self.scale,
         )  # [B, H, T, v(+pad)]
         return out[..., : self.v_dim].transpose(1, 2)  # [B, T, H, v]
 
     def _absorbed(self, q_nope, q_pe, c_kv, k_pe, mask) -> torch.Tensor:
-        H, T = self.n_heads, q_nope.shape[1]
-        w = self.wkv_b.weight.view(H, self.nope + self.v_dim, self.kv_lora_rank)
-        w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]  # [H, n, c], [H, v, c]
-        q_lat = torch.einsum("bthn,hnc->bthc", q_nope, w_uk)  # W_uk folded into the query
-        scores = (
-            torch.einsum("bthc,bsc->bhts", q_lat, c_kv) + torch.einsum("bthr,bsr->bhts", q_pe, k_pe)
-        ).float() * self.scale  # [B, H, T, S]
+        """Attend over the latent itself: W_uk folded into the query, W_uv into the output. Every head is one
+        batch of a bmm, read straight from the live wkv_b weight (views, no copies): [B, T, H, v]."""
+        B, T, H, n = q_nope.shape
+        S, c, r, v = c_kv.shape[1], self.kv_lora_rank, self.rope, self.v_dim
+        w = self.wkv_b.weight.view(H, n + v, c)
+        w_uk, w_uv = w[:, :n], w[:, n:]  # [H, n, c], [H, v, c]
+        q_lat = torch.bmm(q_nope.permute(2, 0, 1, 3).reshape(H, B * T, n), w_uk)  # [H, B*T, c]
+        q_lat = q_lat.view(H, B, T, c).permute(1, 2, 0, 3).reshape(B, T * H, c)  # [B, T*H, c]
+        # q_lat . c_kv + q_pe . k_pe for every (token, head) row: [B, T*H, S]
+        scores = torch.baddbmm(torch.bmm(q_lat, c_kv.transpose(1, 2)), q_pe.reshape(B, T * H, r), k_pe.transpose(1, 2))
         if mask is None:
-            mask = torch.ones(T, T, dtype=torch.bool, device=scores.device).tril()[None]  # [1, T, T]
-        scores = scores.masked_fill(~mask[:, None], float("-inf"))
-        p = scores.softmax(dim=-1).type_as(c_kv)
-        o_lat = torch.einsum("bhts,bsc->bthc", p, c_kv)  # attend over the latent itself
-        return torch.einsum("bthc,hvc->bthv", o_lat, w_uv)  # W_uv folded into the output: [B, T, H, v]
+            mask = torch.full((T, T), float("-inf"), device=scores.device).triu_(1)[None]  # [1, T, S=T]
+        scores = scores.float().view(B, T, H, S) * self.scale + mask[:, :, None]  # [B, T, H, S]
+        p = scores.softmax(dim=-1).type_as(c_kv).view(B, T * H, S)
+        o_lat = torch.bmm(p, c_kv)  # [B, T*H, c]
+        o = torch.bmm(o_lat.view(B, T, H, c).permute(2, 0, 1, 3).reshape(H, B * T, c), w_uv.transpose(1, 2))
+        return o.view(H, B, T, v).permute(1, 2, 0, 3)  # [H, B*T, v] -> [B, T, H, v]

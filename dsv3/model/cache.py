@@ -12,27 +12,53 @@ Two storage formats share one interface (`update`, the only call the attention l
   layer, against 1,152 in bf16: the layout FlashMLA reads.
 
 `cache.rows(index)` views a subset of the rows as a cache of its own, so a server can decode the sequences
-it has in flight, whichever rows they occupy, in one batch.
+it has in flight, whichever rows they occupy, in one batch. `cache.resize(max_len)` grows (or shrinks) every
+row, keeping what is cached: an engine sizes the cache to what its requests need, not to the longest
+context the model allows.
+
+`latent_layout` describes the storage once; allocation and every byte figure (`bytes_per_token`, what
+`dsv3 info` and `dsv3 plan` report) are read from it.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
-import torch.nn.functional as F
 
 from dsv3.config import ModelConfig
+from dsv3.fp8 import BLOCK, dequantize_tiles, quantize_tiles
 
-FP8_BLOCK = 128  # values of c_kv that share one scale
-E4M3_MAX = 448.0  # largest finite float8_e4m3fn
 CACHE_DTYPES = ("bf16", "fp32", "fp8")
+_TORCH = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def latent_layout(cfg: ModelConfig, dtype: str) -> dict[str, tuple[int, torch.dtype]]:
+    """What one token occupies in one layer: storage name -> (numbers, dtype). In FP8 the latent is e4m3 with
+    an fp32 scale per 128 values, and the rotated key stays bf16 (small, and precision-sensitive)."""
+    c, r = cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    if dtype == "fp8":
+        return {"c_kv": (c, torch.float8_e4m3fn), "c_scale": (math.ceil(c / BLOCK), torch.float32),
+                "k_pe": (r, torch.bfloat16)}
+    if dtype not in _TORCH:
+        raise ValueError(f"cache dtype {dtype!r} is not one of {', '.join(CACHE_DTYPES)}")
+    return {"c_kv": (c, _TORCH[dtype]), "k_pe": (r, _TORCH[dtype])}
+
+
+def bytes_per_token(cfg: ModelConfig, dtype: str = "bf16", n_layers: int | None = None) -> int:
+    """Cache bytes one token occupies over `n_layers` layers (default: the main model's)."""
+    layers = cfg.num_hidden_layers if n_layers is None else n_layers
+    return layers * sum(n * t.itemsize for n, t in latent_layout(cfg, dtype).values())
 
 
 class LatentCache:
-    """A fixed-size latent cache for `batch_size` sequences of up to `max_len` tokens.
+    """A latent cache for `batch_size` sequences of up to `max_len` tokens, in "bf16" or "fp32".
 
-    Layers 0..L-1 are the main model's; layers L..L+D-1 belong to the MTP modules (MTP module k uses layer
-    L + k - 1, its index in the checkpoint).
+    Layers 0..L-1 are the main model's; MTP module k uses layer `cfg.mtp_layer_index(k)` = L + k - 1, its
+    index in the checkpoint (n_layers defaults to both).
     """
+
+    format = "bf16"
 
     def __init__(
         self,
@@ -40,23 +66,30 @@ class LatentCache:
         batch_size: int,
         max_len: int,
         *,
-        dtype: torch.dtype = torch.bfloat16,
+        dtype: torch.dtype | str | None = None,
         device: torch.device | str = "cpu",
         n_layers: int | None = None,
     ):
-        self.n_layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers if n_layers is None else n_layers
-        self.batch_size, self.max_len = batch_size, max_len
-        self.kv_lora_rank, self.rope_dim = cfg.kv_lora_rank, cfg.qk_rope_head_dim
-        self._allocate(dtype, torch.device(device))
+        if dtype is not None:
+            self.format = dtype if isinstance(dtype, str) else {v: k for k, v in _TORCH.items()}[dtype]
+        if (self.format == "fp8") != isinstance(self, FP8LatentCache):
+            raise ValueError("an FP8 cache is an FP8LatentCache; make caches with new_cache(cfg, ..., dtype)")
+        self.cfg = cfg
+        self.n_layers = cfg.n_layers_with_mtp if n_layers is None else n_layers
+        self.batch_size, self.max_len = batch_size, 0
+        self.device = torch.device(device)
+        self.layout = latent_layout(cfg, self.format)
+        self.resize(max_len)
 
-    def _allocate(self, dtype: torch.dtype, device: torch.device) -> None:
-        shape = (self.n_layers, self.batch_size, self.max_len)
-        self.c_kv = torch.zeros(*shape, self.kv_lora_rank, dtype=dtype, device=device)  # [L, B, S, c]
-        self.k_pe = torch.zeros(*shape, self.rope_dim, dtype=dtype, device=device)  # [L, B, S, r]
-
-    def _tensors(self) -> list[torch.Tensor]:
-        """Every storage tensor, each [L, B, S, ...]: what byte accounting counts."""
-        return [self.c_kv, self.k_pe]
+    def resize(self, max_len: int) -> None:
+        """Make room for max_len tokens per row, keeping the slots already written (up to max_len)."""
+        keep = min(self.max_len, max_len)
+        for name, (n, dtype) in self.layout.items():
+            new = torch.zeros(self.n_layers, self.batch_size, max_len, n, dtype=dtype, device=self.device)
+            if keep:
+                new[:, :, :keep] = getattr(self, name)[:, :, :keep]
+            setattr(self, name, new)  # [L, B, S, n]
+        self.max_len = max_len
 
     # ----- the attention layer's interface -----------------------------------------------------------
     def update(
@@ -71,11 +104,11 @@ class LatentCache:
         return CacheRows(self, index)
 
     def _update(self, rows, layer, positions, c_kv, k_pe):
-        if int(positions.max()) >= self.max_len:
-            raise ValueError(f"position {int(positions.max())} is past the cache's max_len={self.max_len}")
+        S = int(positions.max()) + 1
+        if self.max_len < S:
+            raise ValueError(f"position {S - 1} is past the cache's max_len={self.max_len}")
         write_rows = _row_index(rows, positions.shape[0], positions.device)  # [B, 1]
         self._write(layer, write_rows, positions, c_kv, k_pe)
-        S = int(positions.max()) + 1
         return self._read(layer, rows, S, c_kv.dtype)
 
     def _write(self, layer, rows, positions, c_kv, k_pe) -> None:
@@ -88,31 +121,21 @@ class LatentCache:
 
     # ----- byte accounting ---------------------------------------------------------------------------
     def nbytes_per_token(self) -> int:
-        """Bytes one token occupies across all layers: (c + r) x layers x dtype bytes in the plain format."""
-        return sum(t[0, 0, 0].numel() * t.element_size() for t in self._tensors()) * self.n_layers
+        """Bytes one token occupies across all of this cache's layers."""
+        return bytes_per_token(self.cfg, self.format, self.n_layers)
 
     @property
     def nbytes(self) -> int:
-        """Bytes the whole cache holds (every row, every slot)."""
-        return sum(t.numel() * t.element_size() for t in self._tensors())
+        """Bytes the whole cache holds (every row, every slot), counted from its tensors."""
+        return sum(getattr(self, name).nbytes for name in self.layout)
 
 
 class FP8LatentCache(LatentCache):
-    """The latent cache with c_kv in e4m3 (one fp32 scale per 128 values of a token) and k_pe in bf16.
+    """The latent cache with c_kv in e4m3 (one fp32 scale per 128 values of a token, `dsv3.fp8` tiles) and k_pe
+    in bf16. At V3's dims that is 512 + 4 * 4 + 64 * 2 = 656 bytes per token per layer, against 1,152 in bf16:
+    the layout FlashMLA reads."""
 
-    Scales follow the FP8 recipe: scale = amax / 448 over each block of 128, so every block uses the whole
-    e4m3 range; a last block narrower than 128 (small test models) gets a scale of its own.
-    """
-
-    def _allocate(self, dtype: torch.dtype, device: torch.device) -> None:
-        shape = (self.n_layers, self.batch_size, self.max_len)
-        n_blocks = -(-self.kv_lora_rank // FP8_BLOCK)
-        self.c_kv = torch.zeros(*shape, self.kv_lora_rank, dtype=torch.float8_e4m3fn, device=device)  # [L, B, S, c]
-        self.c_scale = torch.ones(*shape, n_blocks, dtype=torch.float32, device=device)  # [L, B, S, c/128]
-        self.k_pe = torch.zeros(*shape, self.rope_dim, dtype=torch.bfloat16, device=device)  # [L, B, S, r]
-
-    def _tensors(self) -> list[torch.Tensor]:
-        return [self.c_kv, self.c_scale, self.k_pe]
+    format = "fp8"
 
     def _write(self, layer, rows, positions, c_kv, k_pe) -> None:
         q, scale = quantize_tiles(c_kv)
@@ -150,28 +173,9 @@ def new_cache(
 ) -> LatentCache:
     """A cache in one of CACHE_DTYPES: "bf16", "fp32" or "fp8" (e4m3 latent + fp32 scales, bf16 rope key).
     n_layers defaults to the main model's layers plus the MTP modules'."""
-    if dtype == "fp8":
-        return FP8LatentCache(cfg, batch_size, max_len, device=device, n_layers=n_layers)
-    if dtype not in CACHE_DTYPES:
-        raise ValueError(f"cache dtype {dtype!r} is not one of {CACHE_DTYPES}")
-    torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
-    return LatentCache(cfg, batch_size, max_len, dtype=torch_dtype, device=device, n_layers=n_layers)
-
-
-def quantize_tiles(x: torch.Tensor, block: int = FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [..., c] -> (e4m3 [..., c], fp32 scales [..., ceil(c/block)]), scale = amax / 448 per block."""
-    c = x.shape[-1]
-    tiles = F.pad(x.float(), (0, -c % block)).unflatten(-1, (-1, block))  # [..., nb, block]
-    scale = (tiles.abs().amax(dim=-1) / E4M3_MAX).clamp(min=torch.finfo(torch.float32).tiny)  # [..., nb]
-    q = (tiles / scale[..., None]).flatten(-2)[..., :c].to(torch.float8_e4m3fn)  # the cast saturates at +-448
-    return q, scale
-
-
-def dequantize_tiles(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, block: int = FP8_BLOCK) -> torch.Tensor:
-    """Inverse of quantize_tiles: e4m3 [..., c] and scales [..., nb] -> [..., c] in `dtype`."""
-    c = q.shape[-1]
-    tiles = F.pad(q.float(), (0, -c % block)).unflatten(-1, (-1, block))  # [..., nb, block]
-    return (tiles * scale[..., None]).flatten(-2)[..., :c].to(dtype)
+    latent_layout(cfg, dtype)  # rejects an unknown dtype, naming it
+    cls = FP8LatentCache if dtype == "fp8" else LatentCache
+    return cls(cfg, batch_size, max_len, dtype=dtype, device=device, n_layers=n_layers)
 
 
 def _row_index(rows, n: int, device) -> torch.Tensor:

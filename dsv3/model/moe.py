@@ -18,6 +18,12 @@ from dsv3.config import ModelConfig
 EXPERT_IMPLS = ("grouped", "loop")
 
 
+def check_experts_impl(impl: str) -> str:
+    if impl not in EXPERT_IMPLS:
+        raise ValueError(f"experts impl {impl!r} is not one of {', '.join(EXPERT_IMPLS)}")
+    return impl
+
+
 class MLP(nn.Module):
     """SwiGLU feed-forward: w2(silu(w1 x) * w3 x). Dense layers and shared experts."""
 
@@ -115,9 +121,7 @@ class GroupedExperts(nn.Module):
 
     def __init__(self, n_experts: int, dim: int, inter_dim: int, impl: str = "grouped"):
         super().__init__()
-        if impl not in EXPERT_IMPLS:
-            raise ValueError(f"experts impl {impl!r} is not one of {EXPERT_IMPLS}")
-        self.impl = impl
+        self.impl = check_experts_impl(impl)
         self.w1 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))  # gate [E, I, d]
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))  # down [E, d, I]
         self.w3 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))  # up   [E, I, d]

@@ -11,12 +11,7 @@ import math
 import torch
 from torch import nn
 
-from dsv3.config import ModelConfig
-
-
-def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
-    # YaRN's attention temperature: 0.1 * m * ln(s) + 1
-    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+from dsv3.config import ModelConfig, yarn_mscale
 
 
 def rope_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
@@ -44,14 +39,14 @@ def rope_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
     if y["attention_factor"] is not None:
         attention_factor = float(y["attention_factor"])
     elif y["mscale"] and y["mscale_all_dim"]:
-        attention_factor = _yarn_mscale(factor, y["mscale"]) / _yarn_mscale(factor, y["mscale_all_dim"])
+        attention_factor = yarn_mscale(factor, y["mscale"]) / yarn_mscale(factor, y["mscale_all_dim"])
     else:
-        attention_factor = _yarn_mscale(factor)
+        attention_factor = yarn_mscale(factor)
     return inv_freq, attention_factor
 
 
 class RotaryEmbedding(nn.Module):
-    """Turns absolute positions into the (cos, sin) pair every attention layer rotates by.
+    """Turns absolute positions into the rotation e^{i theta p} every attention layer applies.
 
     The frequencies are a plain attribute rebuilt from the config, not a buffer: a model built on the meta
     device and materialised later needs no re-initialisation of them.
@@ -61,16 +56,15 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.inv_freq, self.attention_factor = rope_frequencies(cfg)
 
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [B, T] -> cos, sin [B, T, 1, rope/2] (fp32; the 1 broadcasts over heads)."""
-        inv_freq = self.inv_freq.to(positions.device)
-        angles = positions[..., None].float() * inv_freq  # [B, T, rope/2]
-        return (angles.cos() * self.attention_factor)[:, :, None], (angles.sin() * self.attention_factor)[:, :, None]
+    def forward(self, positions: torch.Tensor) -> torch.Tensor:
+        """positions [B, T] -> rotation [B, T, 1, rope/2], complex64, YaRN's attention factor folded in (the 1
+        broadcasts over heads)."""
+        angles = positions[..., None].float() * self.inv_freq.to(positions.device)  # [B, T, rope/2]
+        return torch.polar(torch.full_like(angles, self.attention_factor), angles)[:, :, None]
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of x [B, T, H, rope] by cos, sin [B, T, 1, rope/2]; computed in fp32."""
-    xf = x.float().unflatten(-1, (-1, 2))  # [B, T, H, rope/2, 2]
-    x0, x1 = xf[..., 0], xf[..., 1]
-    out = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1)  # (a+ib)(cos+isin)
-    return out.flatten(-2).type_as(x)
+def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (2j, 2j+1) of x [B, T, H, rope] by rotation [B, T, 1, rope/2]: one complex
+    multiply (a + ib)(cos + i sin), in fp32."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())  # [B, T, H, rope/2]
+    return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)

@@ -1,0 +1,82 @@
+"""FP8 (float8_e4m3fn) with fine-grained scales: the one quantiser behind FP8 checkpoints and the FP8 cache.
+
+DeepSeek-V3 (section 3.3) scales FP8 values per small group instead of per tensor, so one outlier costs
+the precision of its own group only:
+- tiles: 1 x 128 values along the last dimension (activations, the latent cache), one scale per tile;
+- blocks: 128 x 128 values of a weight matrix, one scale per block (the released checkpoint's format).
+Each scale is amax / 448, so the group's largest value lands on e4m3's largest finite number. A last tile
+or block narrower than 128 (a dimension that is not a multiple of 128) gets a scale of its own. Values are
+recovered by multiplying by the scale; DeepSeek stores that factor as `weight_scale_inv`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+BLOCK = 128  # values that share one scale along each quantised dimension
+E4M3_MAX = 448.0  # largest finite float8_e4m3fn
+_TINY = torch.finfo(torch.float32).tiny  # the scale of an all-zero group: anything positive works
+
+
+def _scale(amax: torch.Tensor) -> torch.Tensor:
+    return (amax / E4M3_MAX).clamp(min=_TINY)
+
+
+def quantize_tiles(x: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., c] -> (e4m3 [..., c], fp32 scales [..., ceil(c / block)]): one scale per 1 x block tile."""
+    c = x.shape[-1]
+    tiles = F.pad(x.float(), (0, -c % block)).unflatten(-1, (-1, block))  # [..., nb, block]
+    scale = _scale(tiles.abs().amax(dim=-1))  # [..., nb]
+    q = (tiles / scale[..., None]).flatten(-2)[..., :c].to(torch.float8_e4m3fn)  # the cast saturates at +-448
+    return q, scale
+
+
+def dequantize_tiles(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, block: int = BLOCK) -> torch.Tensor:
+    """Inverse of quantize_tiles: e4m3 [..., c] and scales [..., nb] -> [..., c] in `dtype`."""
+    c = q.shape[-1]
+    tiles = F.pad(q.float(), (0, -c % block)).unflatten(-1, (-1, block))  # [..., nb, block]
+    return (tiles * scale[..., None]).flatten(-2)[..., :c].to(dtype)
+
+
+def block_scale_shape(shape: tuple[int, ...], block: int = BLOCK) -> tuple[int, int]:
+    """The scales of an [out, in] weight: [ceil(out / block), ceil(in / block)]."""
+    out_dim, in_dim = shape
+    return math.ceil(out_dim / block), math.ceil(in_dim / block)
+
+
+def fp8_nbytes(shape: tuple[int, ...], block: int = BLOCK) -> int:
+    """Bytes an [out, in] weight takes in the block format: one byte a value plus an fp32 scale a block."""
+    rb, cb = block_scale_shape(shape, block)
+    return shape[0] * shape[1] + 4 * rb * cb
+
+
+def quantize_blocks(w: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [out, in] -> (e4m3 [out, in], fp32 scales [ceil(out/block), ceil(in/block)]): one per block."""
+    out_dim, in_dim = w.shape
+    rb, cb = block_scale_shape(w.shape, block)
+    padded = F.pad(w.float(), (0, cb * block - in_dim, 0, rb * block - out_dim))
+    tiles = padded.view(rb, block, cb, block)  # [rb, b, cb, b]
+    scale = _scale(tiles.abs().amax(dim=(1, 3)))  # [rb, cb]
+    q = (tiles / scale[:, None, :, None]).to(torch.float8_e4m3fn)  # the cast saturates at +-448
+    return q.view(rb * block, cb * block)[:out_dim, :in_dim].contiguous(), scale
+
+
+def dequantize_blocks(
+    q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.bfloat16, block: int = BLOCK
+) -> torch.Tensor:
+    """Inverse of quantize_blocks, one row of blocks at a time so the fp32 intermediate stays small.
+    Raises ValueError when the scales do not fit the weight's shape."""
+    expected = block_scale_shape(q.shape, block)
+    if tuple(scale.shape) != expected:
+        raise ValueError(f"scale shape {tuple(scale.shape)} does not match weight {tuple(q.shape)} "
+                         f"(expected {expected})")
+    out_dim, in_dim = q.shape
+    out = torch.empty(out_dim, in_dim, dtype=dtype)
+    for rb in range(expected[0]):
+        rows = slice(rb * block, min((rb + 1) * block, out_dim))
+        col_scale = scale[rb].float().repeat_interleave(block)[:in_dim]  # [in]
+        out[rows] = (q[rows].float() * col_scale).to(dtype)
+    return out

@@ -1,0 +1,38 @@
+"""How a model is served: one configuration, and one context-length policy, for generate, chat and serve.
+
+The context bound `max_len` limits how long a sequence may grow (prompt and generated tokens); it defaults
+to the model's `max_position_embeddings`. It is a bound, not an allocation: the engine sizes its cache to
+what the requests in flight can use (each one's prompt plus its max_new_tokens) and grows it as they get
+there, so a short prompt on a 163,840-token model costs a short cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dsv3.config import ModelConfig
+from dsv3.errors import InvalidValue
+from dsv3.model.cache import CACHE_DTYPES
+
+
+@dataclass
+class ServingConfig:
+    max_batch: int = 1  # sequences decoded together (cache rows)
+    max_len: int | None = None  # the context bound of a sequence; None: the model's max_position_embeddings
+    cache_dtype: str = "bf16"  # latent cache storage: bf16, fp32 or fp8
+    speculative: bool = False  # draft with MTP module 1, verify with the model
+
+    def context_bound(self, cfg: ModelConfig) -> int:
+        """The longest sequence this configuration allows on a model with `cfg` (values checked first)."""
+        if isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int) or self.max_batch < 1:
+            raise InvalidValue("max_batch", self.max_batch, "must be at least 1")
+        if self.cache_dtype not in CACHE_DTYPES:
+            raise InvalidValue("cache_dtype", self.cache_dtype, f"is not one of {', '.join(CACHE_DTYPES)}")
+        if self.max_len is None:
+            return cfg.max_position_embeddings
+        if isinstance(self.max_len, bool) or not isinstance(self.max_len, int) or self.max_len < 2:
+            raise InvalidValue("max_len", self.max_len, "must be an integer of at least 2 tokens")
+        if self.max_len > cfg.max_position_embeddings:
+            raise InvalidValue("max_len", self.max_len, f"exceeds the model's max_position_embeddings="
+                               f"{cfg.max_position_embeddings}")
+        return self.max_len
