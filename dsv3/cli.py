@@ -11,7 +11,7 @@ import importlib
 import os
 import sys
 
-from dsv3.errors import Dsv3Error
+from dsv3.errors import Dsv3Error, InvalidValue
 
 # verb -> (module, one-line help). Keep in the order a user meets them.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -56,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(rest)  # argparse itself exits 2 on usage errors
     try:
         return int(module.run(args) or 0)
+    except InvalidValue as e:  # the library names its field; say it with the flag that set it
+        flag = _flags(parser).get(e.field)
+        print(f"dsv3 {verb}: error: {e.as_flag(flag) if flag else e}", file=sys.stderr)
+        return 2
     except Dsv3Error as e:
         print(f"dsv3 {verb}: error: {e}", file=sys.stderr)
         return 2
@@ -65,6 +69,18 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and the like: not an error
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the flush at exit
         return 0
+
+
+def _flags(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Each option's destination (the library field it sets) -> its long flag, sub-commands included."""
+    out = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                out.update(_flags(sub))
+        elif action.option_strings:
+            out[action.dest] = max(action.option_strings, key=len)
+    return out
 
 
 if __name__ == "__main__":

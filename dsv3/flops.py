@@ -4,6 +4,9 @@ Conventions, the same for every function here:
 - A multiply-add is 2 FLOPs; an [m, k] x [k, n] matmul costs 2 m k n. Only matmuls are counted:
   norms, RoPE, softmax, SiLU, routing top-k and the weighted combine are elementwise and add well
   under 1% at any realistic size. The embedding lookup costs 0 FLOPs.
+- The projections are read off the model's own tensors (`dsv3.inventory`): a weight matrix applied
+  to every token costs 2 x its size per token, so parameter counts, memory plans and FLOPs describe
+  one and the same set of tensors.
 - The attention core (q k^T and p v) of a causal model at sequence length T is averaged over the
   T queries of a sequence: each query sees T/2 keys on average, so the core costs
   2 H T/2 (qk_dim + v_dim) per token per layer. `causal=False` counts all T keys, which is what a
@@ -25,6 +28,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from dsv3.config import ModelConfig
+from dsv3.inventory import inventory
 
 
 @dataclass(frozen=True)
@@ -60,54 +64,31 @@ def attention_keys(seq_len: int, causal: bool = True) -> float:
     return seq_len / 2 if causal else float(seq_len)
 
 
-def mla_proj_flops(cfg: ModelConfig) -> float:
-    """Forward FLOPs per token of one MLA's projections (training/prefill form: the latent is expanded)."""
-    d, H = cfg.hidden_size, cfg.num_attention_heads
-    if cfg.q_lora_rank is None:
-        q = d * H * cfg.qk_head_dim
-    else:  # W_dq then W_uq
-        q = d * cfg.q_lora_rank + cfg.q_lora_rank * H * cfg.qk_head_dim
-    kv_a = d * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)  # [c_kv ; k_pe] = W_dkv h
-    kv_b = cfg.kv_lora_rank * H * (cfg.qk_nope_head_dim + cfg.v_head_dim)  # [k_nope ; v] = W_ukv c_kv
-    o = H * cfg.v_head_dim * d
-    return 2.0 * (q + kv_a + kv_b + o)
-
-
 def mla_core_flops(cfg: ModelConfig, seq_len: int, causal: bool = True) -> float:
     """Forward FLOPs per token of one MLA's q k^T (qk_head_dim wide) and p v (v_head_dim wide)."""
     keys = attention_keys(seq_len, causal)
     return 2.0 * cfg.num_attention_heads * keys * (cfg.qk_head_dim + cfg.v_head_dim)
 
 
-def _moe_layer(cfg: ModelConfig) -> FlopsBreakdown:
-    """Forward FLOPs per token of one MoE feed-forward (SwiGLU experts: three d x I matmuls each)."""
-    d, width = cfg.hidden_size, cfg.moe_intermediate_size
-    return FlopsBreakdown(
-        routed_experts=2.0 * cfg.num_experts_per_tok * 3 * d * width,
-        shared_experts=2.0 * 3 * d * cfg.n_shared_experts * width,
-        router=2.0 * d * cfg.n_routed_experts,
-    )
+# which component of the breakdown each inventory group's matmuls count toward (main model)
+_COMPONENT = {"attention": "attn_proj", "dense_mlp": "dense_mlp", "routed_experts": "routed_experts",
+              "shared_experts": "shared_experts", "router": "router", "head": "head"}
 
 
-def _block(cfg: ModelConfig, layer_idx: int, seq_len: int, causal: bool) -> FlopsBreakdown:
-    """Forward FLOPs per token of block `layer_idx` (dense below first_k_dense_replace, MoE from there on)."""
-    attn = FlopsBreakdown(attn_proj=mla_proj_flops(cfg), attn_core=mla_core_flops(cfg, seq_len, causal))
-    if layer_idx < cfg.first_k_dense_replace:
-        return attn + FlopsBreakdown(dense_mlp=2.0 * 3 * cfg.hidden_size * cfg.intermediate_size)
-    return attn + _moe_layer(cfg)
-
-
-def mtp_module_flops(cfg: ModelConfig, seq_len: int, causal: bool = True) -> float:
-    """Forward FLOPs per token the MTP module runs on: eh_proj [2d -> d], one MoE block, the shared head."""
-    d = cfg.hidden_size
-    block = _block(cfg, cfg.num_hidden_layers, seq_len, causal).total  # MTP blocks sit past the dense layers
-    return 2.0 * 2 * d * d + block + 2.0 * d * cfg.vocab_size
+def mtp_module_flops(cfg: ModelConfig, seq_len: int, causal: bool = True, k: int = 1) -> float:
+    """Forward FLOPs per token MTP module k runs on: its own matrices (eh_proj [2d -> d] and one MoE block),
+    its attention core at seq_len, and the shared head."""
+    entries = inventory(cfg)
+    head = sum(e.forward_flops(cfg) for e in entries if e.group == "head")
+    own = sum(e.forward_flops(cfg) for e in entries if e.mtp == k)
+    return own + mla_core_flops(cfg, seq_len, causal) + head
 
 
 def flops_per_token(
     cfg: ModelConfig, seq_len: int, *, training: bool = False, mtp: bool | None = None, causal: bool = True
 ) -> FlopsBreakdown:
-    """FLOPs per token of `cfg` on sequences of `seq_len` tokens, by component (see the module docstring).
+    """FLOPs per token of `cfg` on sequences of `seq_len` tokens, by component (see the module docstring),
+    counted from the model's own tensors (`dsv3.inventory`).
 
     training: forward + backward (3x forward) instead of forward only.
     mtp: count the MTP modules; None means "when training and the config has them".
@@ -115,15 +96,17 @@ def flops_per_token(
     """
     if seq_len < 1:
         raise ValueError(f"seq_len must be positive, got {seq_len}")
-    out = FlopsBreakdown(head=2.0 * cfg.hidden_size * cfg.vocab_size)
-    for i in range(cfg.num_hidden_layers):
-        out = out + _block(cfg, i, seq_len, causal)
+    parts = dict.fromkeys(_COMPONENT.values(), 0.0)
+    for e in inventory(cfg, mtp=False):
+        if e.group in _COMPONENT:
+            parts[_COMPONENT[e.group]] += e.forward_flops(cfg)
+    out = FlopsBreakdown(**parts, attn_core=cfg.num_hidden_layers * mla_core_flops(cfg, seq_len, causal))
     if mtp is None:
         mtp = training and cfg.num_nextn_predict_layers > 0
     if mtp:
         # module k predicts from positions 0..T-k-1 only, at attention length T - k
         per_seq = sum(
-            (seq_len - k) * mtp_module_flops(cfg, seq_len - k, causal)
+            (seq_len - k) * mtp_module_flops(cfg, seq_len - k, causal, k)
             for k in range(1, cfg.num_nextn_predict_layers + 1)
             if seq_len > k
         )

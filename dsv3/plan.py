@@ -1,6 +1,7 @@
 """Memory planning: will a model fit, for training under a parallel layout or for serving?
 
-Everything is counted from the stored tensors (`model_weights`), so any `ModelConfig` can be planned.
+Everything is counted from the model's stored tensors (`dsv3.inventory`) and the latent cache's own
+layout (`dsv3.model.cache`), so any `ModelConfig` can be planned and the figures agree with `dsv3 info`.
 
 Serving: the weights (bf16, or FP8 with fp32 block scales as DeepSeek released them) are spread
 evenly over the GPUs (tensor + expert parallelism); what is left of each GPU's usable memory holds
@@ -29,137 +30,40 @@ import math
 from dataclasses import dataclass
 
 from dsv3.config import ModelConfig
-from dsv3.errors import Dsv3Error
+from dsv3.errors import InvalidValue
 from dsv3.hardware import GPUS, Accelerator
-
-FP8_BLOCK = 128  # DeepSeek's FP8 weights carry one fp32 scale per 128 x 128 block
-BYTES = {"fp32": 4, "bf16": 2, "fp8": 1}
-
-
-@dataclass(frozen=True)
-class Weight:
-    """`count` stored tensors of shape [rows, cols] (cols = 1 for a vector)."""
-
-    group: str  # embedding, attention, norm, dense_mlp, router, router_bias, shared_experts, routed_experts, head, mtp
-    rows: int
-    cols: int = 1
-    count: int = 1
-    fp8: bool = False  # an FP8 matrix in DeepSeek's release (attention, dense MLP, expert projections)
-    fp32: bool = False  # kept in fp32 whatever the precision (the router's selection bias)
-
-    @property
-    def numel(self) -> int:
-        return self.rows * self.cols * self.count
-
-    @property
-    def expert(self) -> bool:
-        return self.group == "routed_experts"
-
-    def nbytes(self, precision: str) -> float:
-        """Bytes stored at `precision` (fp32, bf16, or fp8: FP8 matrices in 1 byte + fp32 block scales, the
-        rest bf16)."""
-        if self.fp32:
-            return 4.0 * self.numel
-        if precision == "fp8":
-            if not self.fp8:
-                return 2.0 * self.numel
-            scales = math.ceil(self.rows / FP8_BLOCK) * math.ceil(self.cols / FP8_BLOCK) * self.count
-            return 1.0 * self.numel + 4.0 * scales
-        return float(BYTES[precision] * self.numel)
+from dsv3.inventory import BYTES, Entry, inventory, nbytes
+from dsv3.model.cache import bytes_per_token
 
 
-def block_weights(cfg: ModelConfig, layer_idx: int) -> list[Weight]:
-    """The tensors of block `layer_idx`: norms, MLA, then a dense MLP or an MoE layer."""
-    d, H = cfg.hidden_size, cfg.num_attention_heads
-    out = [Weight("norm", d, count=2)]  # attention norm, ffn norm
-    if cfg.q_lora_rank is None:
-        out.append(Weight("attention", H * cfg.qk_head_dim, d, fp8=True))
-    else:
-        out += [
-            Weight("attention", cfg.q_lora_rank, d, fp8=True),
-            Weight("norm", cfg.q_lora_rank),
-            Weight("attention", H * cfg.qk_head_dim, cfg.q_lora_rank, fp8=True),
-        ]
-    out += [
-        Weight("attention", cfg.kv_lora_rank + cfg.qk_rope_head_dim, d, fp8=True),
-        Weight("norm", cfg.kv_lora_rank),
-        Weight("attention", H * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank, fp8=True),
-        Weight("attention", d, H * cfg.v_head_dim, fp8=True),
-    ]
-    if layer_idx < cfg.first_k_dense_replace:  # gate and up [I, d], down [d, I]
-        I = cfg.intermediate_size
-        return out + [Weight("dense_mlp", I, d, count=2, fp8=True), Weight("dense_mlp", d, I, fp8=True)]
-    E, I = cfg.n_routed_experts, cfg.moe_intermediate_size
-    out += [
-        Weight("router", E, d),
-        Weight("routed_experts", I, d, count=2 * E, fp8=True),
-        Weight("routed_experts", d, I, count=E, fp8=True),
-    ]
-    if cfg.uses_router_bias:
-        out.append(Weight("router_bias", E, fp32=True))
-    if cfg.n_shared_experts:
-        Is = cfg.n_shared_experts * I
-        out += [Weight("shared_experts", Is, d, count=2, fp8=True), Weight("shared_experts", d, Is, fp8=True)]
+def _by_layer(entries: list[Entry]) -> dict[int | None, list[Entry]]:
+    """Tensors grouped by block (MTP module k's under cfg.mtp_layer_index(k)); None: embedding, final norm, head."""
+    out: dict[int | None, list[Entry]] = {}
+    for e in entries:
+        out.setdefault(e.layer, []).append(e)
     return out
-
-
-def embedding_weights(cfg: ModelConfig) -> list[Weight]:
-    return [Weight("embedding", cfg.vocab_size, cfg.hidden_size)]
-
-
-def head_weights(cfg: ModelConfig) -> list[Weight]:
-    """Final norm and output head."""
-    return [Weight("norm", cfg.hidden_size), Weight("head", cfg.vocab_size, cfg.hidden_size)]
-
-
-def mtp_weights(cfg: ModelConfig) -> list[Weight]:
-    """One MTP module: enorm, hnorm, eh_proj [d, 2d], a full block, its output norm (embedding and head shared)."""
-    d = cfg.hidden_size
-    extra = [Weight("mtp", d, count=3), Weight("mtp", d, 2 * d)]
-    return extra + block_weights(cfg, cfg.num_hidden_layers)
-
-
-def model_weights(cfg: ModelConfig, *, mtp: bool = True) -> list[Weight]:
-    """Every stored tensor of the model (MTP modules included when `mtp` and the config has them)."""
-    out = embedding_weights(cfg)
-    for i in range(cfg.num_hidden_layers):
-        out += block_weights(cfg, i)
-    out += head_weights(cfg)
-    if mtp:
-        for _ in range(cfg.num_nextn_predict_layers):
-            out += mtp_weights(cfg)
-    return out
-
-
-def numel(weights: list[Weight]) -> int:
-    return sum(w.numel for w in weights)
-
-
-def nbytes(weights: list[Weight], precision: str) -> float:
-    return sum(w.nbytes(precision) for w in weights)
 
 
 def _check_precision(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise Dsv3Error(f"{name} {value!r} is not one of: {', '.join(allowed)}")
+        raise InvalidValue(name, value, f"is not one of: {', '.join(allowed)}")
 
 
 def _check_utilization(memory_utilization: float) -> None:
     if not 0 < memory_utilization <= 1:
-        raise Dsv3Error(f"--memory-utilization {memory_utilization} must be a fraction in (0, 1]")
+        raise InvalidValue("memory_utilization", memory_utilization, "must be a fraction in (0, 1]")
 
 
 # ----- serving ------------------------------------------------------------------------------------
 
 
 def cache_bytes_per_token(cfg: ModelConfig, precision: str = "bf16", *, mtp: bool = False) -> float:
-    """Latent cache per token: (kv_lora_rank + rope) numbers per layer. In fp8 the latent takes 1 byte a number
-    plus an fp32 scale per 128 numbers, while the RoPE key stays bf16 (rotated keys lose too much in FP8)."""
-    _check_precision("--cache", precision, ("bf16", "fp8"))
-    layers = cfg.num_hidden_layers + (cfg.num_nextn_predict_layers if mtp else 0)
-    c, r = cfg.kv_lora_rank, cfg.qk_rope_head_dim
-    per_layer = 2 * (c + r) if precision == "bf16" else c + 4 * math.ceil(c / FP8_BLOCK) + 2 * r
-    return float(layers * per_layer)
+    """Latent cache per token over the main layers (and the MTP modules' with `mtp`), as the cache lays it
+    out: (kv_lora_rank + rope) numbers per layer; in fp8 the latent takes 1 byte a number plus an fp32 scale
+    per 128 numbers, while the RoPE key stays bf16 (rotated keys lose too much in FP8)."""
+    _check_precision("cache", precision, ("bf16", "fp8"))
+    layers = cfg.n_layers_with_mtp if mtp else cfg.num_hidden_layers
+    return float(bytes_per_token(cfg, precision, layers))
 
 
 @dataclass(frozen=True)
@@ -220,15 +124,14 @@ def plan_serving(
     memory_utilization: float = 0.9,
 ) -> ServePlan:
     """Memory for serving `cfg` on `gpus` GPUs; `mtp` keeps the MTP modules as a speculative-decoding draft."""
-    _check_precision("--weights", weights, ("bf16", "fp8"))
+    _check_precision("weights", weights, ("bf16", "fp8"))
     _check_utilization(memory_utilization)
-    if gpus < 1:
-        raise Dsv3Error(f"--gpus {gpus} must be at least 1")
-    if context < 1 or batch < 1:
-        raise Dsv3Error(f"--context {context} and --batch {batch} must be at least 1")
+    for name, value in (("gpus", gpus), ("context", context), ("batch", batch)):
+        if value < 1:
+            raise InvalidValue(name, value, "must be at least 1")
     return ServePlan(
         gpu=gpu, gpus=gpus, weights_precision=weights, cache_precision=cache, mtp=mtp,
-        memory_utilization=memory_utilization, weight_bytes=nbytes(model_weights(cfg, mtp=mtp), weights),
+        memory_utilization=memory_utilization, weight_bytes=nbytes(inventory(cfg, mtp=mtp), weights),
         cache_bytes_per_token=cache_bytes_per_token(cfg, cache, mtp=mtp), context=context, batch=batch,
     )
 
@@ -257,18 +160,20 @@ class Layout:
         return self.gpus // self.pp
 
     def check(self, cfg: ModelConfig) -> None:
-        if self.gpus < 1 or self.pp < 1 or self.ep < 1 or self.micro_batch < 1 or self.seq_len < 1:
-            raise Dsv3Error("--gpus, --pp, --ep, --micro-batch and --seq-len must all be at least 1")
+        for name in ("gpus", "pp", "ep", "micro_batch", "seq_len"):
+            if getattr(self, name) < 1:
+                raise InvalidValue(name, getattr(self, name), "must be at least 1")
         if self.gpus % self.pp:
-            raise Dsv3Error(f"--gpus {self.gpus} must be a multiple of --pp {self.pp}")
+            raise InvalidValue("gpus", self.gpus, f"must be a multiple of the {self.pp} pipeline stages")
         if self.pp > cfg.num_hidden_layers:
-            raise Dsv3Error(f"--pp {self.pp} exceeds the model's {cfg.num_hidden_layers} blocks")
+            raise InvalidValue("pp", self.pp, f"exceeds the model's {cfg.num_hidden_layers} blocks")
         if self.dp % self.ep:
-            raise Dsv3Error(f"--ep {self.ep} must divide the {self.dp} data-parallel ranks of a stage (gpus / pp)")
+            raise InvalidValue("ep", self.ep, f"must divide the {self.dp} data-parallel ranks of a stage "
+                               "(GPUs / pipeline stages)")
         if cfg.n_routed_experts % self.ep:
-            raise Dsv3Error(f"--ep {self.ep} must divide the model's {cfg.n_routed_experts} routed experts")
+            raise InvalidValue("ep", self.ep, f"must divide the model's {cfg.n_routed_experts} routed experts")
         if self.zero not in (0, 1, 2, 3):
-            raise Dsv3Error(f"--zero {self.zero} must be 0, 1, 2 or 3")
+            raise InvalidValue("zero", self.zero, "must be 0, 1, 2 or 3")
 
 
 @dataclass(frozen=True)
@@ -279,10 +184,10 @@ class TrainPrecision:
     compute: str = "bf16"  # the copy of the weights the matmuls read: bf16, or fp8 for the FP8 matrices
 
     def check(self) -> None:
-        _check_precision("--master-weights", self.master, ("fp32", "bf16"))
-        _check_precision("--grads", self.grads, ("fp32", "bf16"))
-        _check_precision("--moments", self.moments, ("fp32", "bf16"))
-        _check_precision("--compute", self.compute, ("bf16", "fp8"))
+        _check_precision("master", self.master, ("fp32", "bf16"))
+        _check_precision("grads", self.grads, ("fp32", "bf16"))
+        _check_precision("moments", self.moments, ("fp32", "bf16"))
+        _check_precision("compute", self.compute, ("bf16", "fp8"))
 
 
 def block_activation_numbers(cfg: ModelConfig, layer_idx: int) -> float:
@@ -298,7 +203,7 @@ def block_activation_numbers(cfg: ModelConfig, layer_idx: int) -> float:
         + 2 * H  # per-head log-sum-exp, fp32
     )
     ffn = 2 * d  # ffn norm input and output
-    if layer_idx < cfg.first_k_dense_replace:
+    if not cfg.is_moe_layer(layer_idx):
         return attn + ffn + 3 * cfg.intermediate_size  # gate and up outputs, their product
     I, K = cfg.moe_intermediate_size, cfg.num_experts_per_tok
     routed = K * (d + 3 * I + d)  # per routed copy: expert input, gate, up, product, expert output
@@ -378,13 +283,13 @@ def plan_training(
     tokens = layout.micro_batch * layout.seq_len
     L, D = cfg.num_hidden_layers, cfg.num_nextn_predict_layers
 
-    def per_gpu(weights: list[Weight], sharded: bool, bytes_of) -> float:
+    def per_gpu(weights: list[Entry], sharded: bool, bytes_of) -> float:
         """Bytes on one GPU: experts split ep ways; when sharded, the rest over dp and experts over dp / ep."""
         total = 0.0
         for w in weights:
-            share = 1 / ep if w.expert else 1.0
+            share = 1 / ep if w.is_expert else 1.0
             if sharded:
-                share /= (dp // ep) if w.expert else dp
+                share /= (dp // ep) if w.is_expert else dp
             total += bytes_of(w) * share
         return total
 
@@ -392,19 +297,19 @@ def plan_training(
         """Bytes of a weight stored at a plain dtype (the fp32 router bias stays fp32)."""
         return lambda w: w.numel * (4 if w.fp32 else BYTES[precision_name])
 
-    def compute(w: Weight) -> float:
+    def compute(w: Entry) -> float:
         return w.nbytes(precision.compute)
 
+    layers = _by_layer(inventory(cfg))
     stages = []
     for s, blocks in enumerate(_split_blocks(L, pp)):
-        groups = [block_weights(cfg, i) for i in blocks]
-        if s == pp - 1:
-            groups += [mtp_weights(cfg) for _ in range(D)]
+        block_ids = list(blocks) + ([cfg.mtp_layer_index(k) for k in range(1, D + 1)] if s == pp - 1 else [])
+        groups = [layers[i] for i in block_ids]
         weights = [w for g in groups for w in g]
-        if s == 0:
-            weights += embedding_weights(cfg)
+        if s == 0:  # the embedding on the first stage, the final norm and the head on the last
+            weights += [w for w in layers[None] if w.group == "embedding"]
         if s == pp - 1:
-            weights += head_weights(cfg)
+            weights += [w for w in layers[None] if w.group != "embedding"]
 
         master = per_gpu(weights, zero >= 3, plain(precision.master))
         grads = per_gpu(weights, zero >= 2, plain(precision.grads))
@@ -420,7 +325,6 @@ def plan_training(
             working += per_gpu(largest, False, plain(precision.grads))
 
         in_flight = pp - s  # 1F1B: stage s holds the activations of pp - s micro-batches
-        block_ids = list(blocks) + ([L + k for k in range(D)] if s == pp - 1 else [])
         numbers = [block_activation_numbers(cfg, i) for i in block_ids]
         full = 2.0 * tokens * sum(numbers) * in_flight
         kept = 2.0 * tokens * cfg.hidden_size * len(numbers) * in_flight + 2.0 * tokens * max(numbers)

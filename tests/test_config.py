@@ -4,7 +4,7 @@ import pytest
 
 from dsv3.config import PRESETS, ModelConfig, preset
 from dsv3.errors import ConfigError
-from dsv3.params import count_parameters
+from dsv3.inventory import count_parameters
 
 # DeepSeek-V3's released config.json (Hugging Face Hub, deepseek-ai/DeepSeek-V3), field for field.
 RELEASED_V3 = {

@@ -5,6 +5,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
+from random_configs import RANDOM_SEEDS, random_config
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -101,10 +102,13 @@ def _count(model, ids, backward: bool) -> int:
     return counter.get_total_flops()
 
 
-@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("shape", list(SHAPES) + [f"random-{s}" for s in RANDOM_SEEDS])
 def test_agrees_with_flop_counter_mode(shape):
     torch.manual_seed(0)
-    cfg = dataclasses.replace(preset("tiny"), **SHAPES[shape])
+    if shape.startswith("random-"):
+        cfg = random_config(int(shape.removeprefix("random-")))
+    else:
+        cfg = dataclasses.replace(preset("tiny"), **SHAPES[shape])
     model = DeepSeekV3(cfg, attn_impl="naive", experts_impl="loop")  # torch._grouped_mm has no FLOP formula
     model.init_weights()
     B, T = 2, 48

@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from dsv3 import DeepSeekV3, LatentCache, preset
+from dsv3.inventory import count_parameters
 from dsv3.model.attention import AttentionContext
 from dsv3.model.moe import GroupedExperts, Router
-from dsv3.params import count_parameters
 
 
 def tiny_model(seed=0, **changes):

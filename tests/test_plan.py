@@ -1,5 +1,4 @@
-"""Memory planning: the tensor inventory against the real model and DESIGN's counts, the known serving
-answers for DeepSeek-V3, training layouts, and the command."""
+"""Memory planning: the known serving answers for DeepSeek-V3, training layouts, and the command."""
 
 import dataclasses
 import json
@@ -9,52 +8,21 @@ import torch
 
 from dsv3 import DeepSeekV3, preset
 from dsv3.cli import main
-from dsv3.errors import Dsv3Error
+from dsv3.errors import InvalidValue
 from dsv3.hardware import GPUS
+from dsv3.inventory import inventory, numel
 from dsv3.model.attention import AttentionContext
 from dsv3.plan import (
     Layout,
     TrainPrecision,
     block_activation_numbers,
-    block_weights,
     cache_bytes_per_token,
     min_gpus_table,
-    model_weights,
-    mtp_weights,
-    numel,
     plan_serving,
     plan_training,
 )
 
 GiB = 2**30
-
-
-def test_inventory_matches_design_counts():
-    v3 = preset("v3")
-    assert numel(model_weights(v3, mtp=False)) == 671_026_419_200
-    assert numel(model_weights(v3)) == 682_636_487_424
-    assert numel(mtp_weights(v3)) == 11_610_068_224
-    mla = [w for w in block_weights(v3, 10) if w.group == "attention" or (w.group == "norm" and w.rows != 7168)]
-    assert numel(mla) == 187_107_328
-    routed = [w for w in block_weights(v3, 10) if w.expert]
-    assert numel(routed) == 256 * 44_040_192
-    # The Hub's 684,531,386,000: main + MTP, MTP's copies of the embedding and head, and one fp32 scale per
-    # 128 x 128 block of every FP8 matrix; the scale bytes are what nbytes("fp8") adds beyond 1 byte a weight.
-    ws = model_weights(v3)
-    fp8 = [w for w in ws if w.fp8]
-    scale_bytes = sum(w.nbytes("fp8") for w in fp8) - numel(fp8)
-    assert numel(ws) + 2 * 129280 * 7168 + scale_bytes / 4 == 684_531_386_000
-
-
-@pytest.mark.parametrize("name", ["tiny", "small", "v2-lite", "v3"])
-def test_inventory_matches_the_real_model(name):
-    cfg = preset(name)
-    with torch.device("meta"):
-        model = DeepSeekV3(cfg)
-    state = model.state_dict()
-    assert numel(model_weights(cfg)) == sum(t.numel() for t in state.values())
-    fp32 = sum(t.numel() for k, t in state.items() if k.endswith("gate.bias"))
-    assert fp32 == sum(w.numel for w in model_weights(cfg) if w.fp32)
 
 
 def test_v3_fp8_serves_on_8_h200_not_on_8_h100():
@@ -90,8 +58,8 @@ def test_latent_cache_bytes():
 
 def test_training_states_follow_the_zero_stage():
     cfg = preset("small")
-    n = numel(model_weights(cfg))
-    fp32_bias = sum(w.numel for w in model_weights(cfg) if w.fp32)
+    n = numel(inventory(cfg))
+    fp32_bias = sum(w.numel for w in inventory(cfg) if w.fp32)
     full = plan_training(cfg, GPUS["h100"], Layout(8, zero=0)).stages[0]
     assert full.master == 4 * n and full.grads == 4 * n
     assert full.optimizer == 2 * (2 * (n - fp32_bias) + 4 * fp32_bias)  # two bf16 moments; the bias stays fp32
@@ -105,7 +73,7 @@ def test_training_states_follow_the_zero_stage():
     assert ep.master == pytest.approx(full.master / 8)
     # without sharding, expert parallelism alone divides only the experts
     ep0 = plan_training(cfg, GPUS["h100"], Layout(8, ep=4, zero=0)).stages[0]
-    experts = sum(w.numel for w in model_weights(cfg) if w.expert)
+    experts = sum(w.numel for w in inventory(cfg) if w.is_expert)
     assert ep0.master == pytest.approx(4 * (n - experts + experts / 4))
 
 
@@ -148,16 +116,28 @@ def test_activation_estimate_against_what_the_eager_model_keeps():
         assert 1.0 <= ratio < 2.5, (i, ratio)
 
 
-def test_layout_errors():
+def test_layout_errors_name_the_field():
     v3 = preset("v3")
-    with pytest.raises(Dsv3Error, match="multiple of --pp"):
+    with pytest.raises(InvalidValue, match="gpus=10 must be a multiple of the 4 pipeline stages"):
         plan_training(v3, GPUS["h800"], Layout(10, pp=4))
-    with pytest.raises(Dsv3Error, match="--ep 3 must divide"):
+    with pytest.raises(InvalidValue, match="ep=3 must divide"):
         plan_training(v3, GPUS["h800"], Layout(12, ep=3))
-    with pytest.raises(Dsv3Error, match="--ep 512 must divide the model's 256 routed experts"):
+    with pytest.raises(InvalidValue, match="ep=512 must divide the model's 256 routed experts"):
         plan_training(v3, GPUS["h800"], Layout(1024, ep=512))
-    with pytest.raises(Dsv3Error, match="--memory-utilization"):
+    with pytest.raises(InvalidValue, match="memory_utilization=1.5"):
         plan_serving(v3, GPUS["h200"], 8, memory_utilization=1.5)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--gpus", "10", "--pp", "4"], "--gpus 10 must be a multiple of the 4 pipeline stages"),
+    (["train", "--gpus", "1024", "--ep", "512"], "--ep 512 must divide the model's 256 routed experts"),
+    (["serve", "--memory-utilization", "1.5"], "--memory-utilization 1.5 must be a fraction in (0, 1]"),
+    (["serve", "--context", "0"], "--context 0 must be at least 1"),
+])
+def test_cli_errors_name_the_flag(args, message, capsys):
+    assert main(["plan", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
 
 
 # ----- the command ------------------------------------------------------------------------------------
@@ -188,7 +168,7 @@ def test_cli_train(capsys):
     [
         (["serve", "--gpu", "tpu"], "unknown GPU 'tpu'"),
         (["serve", "--gpus", "0"], "--gpus 0 must be at least 1"),
-        (["train", "--pp", "3"], "must be a multiple of --pp 3"),
+        (["train", "--pp", "3"], "--gpus 2048 must be a multiple of the 3 pipeline stages"),
         (["serve", "--config", "/nonexistent/config.json"], "no config file"),
     ],
 )

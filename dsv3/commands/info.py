@@ -33,10 +33,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def summarize(cfg: ModelConfig, seq_len: int) -> dict[str, int | float]:
     from dsv3.flops import flops_per_token
-    from dsv3.params import cache_bytes_per_token, count_parameters
+    from dsv3.inventory import count_parameters, naive_cache_bytes_per_token
+    from dsv3.model.cache import bytes_per_token
 
     counts = count_parameters(cfg)
-    absorbed, naive = cache_bytes_per_token(cfg)
+    absorbed, naive = bytes_per_token(cfg, "bf16"), naive_cache_bytes_per_token(cfg)
     return {
         "total_params": counts.total,
         "active_params": counts.active,
