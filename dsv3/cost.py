@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 
 from dsv3.config import ModelConfig, preset
-from dsv3.errors import Dsv3Error
+from dsv3.errors import Dsv3Error, InvalidValue
 from dsv3.flops import DenseTransformer, FlopsBreakdown, dense_flops_per_token, flops_per_token
 from dsv3.hardware import PRECISIONS, Accelerator, accelerator
 
@@ -24,21 +24,19 @@ DEFAULT_USD_PER_GPU_HOUR = 2.0  # the rental price DeepSeek-V3's report uses for
 _SUFFIXES = {"": 1.0, "K": 1e3, "M": 1e6, "B": 1e9, "T": 1e12}
 
 
-def parse_count(text: str | float, what: str = "--tokens") -> float:
+def parse_count(text: str | float, field: str = "tokens") -> float:
     """'14.8T' -> 1.48e13; accepts K/M/B/T suffixes (either case), plain numbers and 1e12-style exponents."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([kKmMbBtT]?)\s*", str(text))
     if m is None:
-        raise Dsv3Error(f"{what} {text!r} is not a count; write a positive number such as 14.8T, 500B or 2e9")
+        raise InvalidValue(field, text, "is not a count; write a positive number such as 14.8T, 500B or 2e9")
     value = float(m.group(1)) * _SUFFIXES[m.group(2).upper()]
     if not value > 0 or not math.isfinite(value):
-        raise Dsv3Error(f"{what} {text!r} must be a positive number")
+        raise InvalidValue(field, text, "must be a positive number")
     return value
 
 
-def check_mfu(mfu: float, what: str = "--mfu") -> float:
-    if not (isinstance(mfu, (int, float)) and 0 < mfu <= 1):
-        raise Dsv3Error(f"{what} {mfu!r} must be a fraction in (0, 1], e.g. 0.4 for 40% of the peak")
-    return float(mfu)
+def _is_fraction(mfu: object) -> bool:
+    return isinstance(mfu, (int, float)) and not isinstance(mfu, bool) and 0 < mfu <= 1
 
 
 def mfu_from_run(run_dir: str | os.PathLike) -> float:
@@ -60,7 +58,10 @@ def mfu_from_run(run_dir: str | os.PathLike) -> float:
     values = values[1:]
     if not values:
         raise Dsv3Error(f"{path} has no \"mfu\" records after the first; train for more steps or pass --mfu")
-    return check_mfu(sum(values) / len(values), f"the mean MFU of {path}")
+    mean = sum(values) / len(values) if all(isinstance(v, (int, float)) for v in values) else None
+    if not _is_fraction(mean):
+        raise Dsv3Error(f"the mean MFU of {path} is {mean!r}, not a fraction in (0, 1]; check its \"mfu\" records")
+    return float(mean)
 
 
 @dataclass(frozen=True)
@@ -108,11 +109,13 @@ def estimate(
 ) -> CostEstimate:
     """The cost of training `cfg` on `tokens` tokens in sequences of `seq_len`."""
     if gpus < 1:
-        raise Dsv3Error(f"--gpus {gpus} must be at least 1")
+        raise InvalidValue("gpus", gpus, "must be at least 1")
     if not usd_per_gpu_hour >= 0:
-        raise Dsv3Error(f"--usd-per-gpu-hour {usd_per_gpu_hour} must not be negative")
+        raise InvalidValue("usd_per_gpu_hour", usd_per_gpu_hour, "must not be negative")
     if seq_len < 2:
-        raise Dsv3Error(f"--seq-len {seq_len} must be at least 2")
+        raise InvalidValue("seq_len", seq_len, "must be at least 2")
+    if not _is_fraction(mfu):
+        raise InvalidValue("mfu", mfu, "must be a fraction in (0, 1], e.g. 0.4 for 40% of the peak")
     gpu.peak(precision)  # fails early, naming the GPU, when it has no such peak
     return CostEstimate(
         flops=flops_per_token(cfg, seq_len, training=True),
@@ -120,7 +123,7 @@ def estimate(
         seq_len=seq_len,
         gpu=gpu,
         precision=precision,
-        mfu=check_mfu(mfu),
+        mfu=float(mfu),
         gpus=gpus,
         usd_per_gpu_hour=usd_per_gpu_hour,
     )

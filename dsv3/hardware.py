@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dsv3.errors import Dsv3Error
+from dsv3.errors import Dsv3Error, InvalidValue
 
 PRECISIONS = ("bf16", "fp8")
 MiB = 2**20
@@ -33,10 +33,11 @@ class Accelerator:
     def peak(self, precision: str) -> float:
         """Dense peak FLOP/s at `precision` ("bf16" or "fp8")."""
         if precision not in PRECISIONS:
-            raise Dsv3Error(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
+            raise InvalidValue("precision", precision, f"is not one of: {', '.join(PRECISIONS)}")
         flops = self.bf16_flops if precision == "bf16" else self.fp8_flops
         if flops is None:
-            raise Dsv3Error(f"{self.name} has no FP8 matmul peak; use --precision bf16")
+            raise InvalidValue("precision", precision, f"has no matmul peak on {self.name}, which has no FP8 tensor "
+                               "cores; use bf16")
         return flops
 
 
@@ -60,7 +61,7 @@ def accelerator(name: str) -> Accelerator:
     if key == "cpu":
         return cpu()
     if key not in GPUS:
-        raise Dsv3Error(f"unknown GPU {name!r}; choose one of: {', '.join(NAMES)}")
+        raise InvalidValue("gpu", name, f"is not a GPU of the table; choose one of: {', '.join(NAMES)}")
     return GPUS[key]
 
 

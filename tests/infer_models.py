@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from dsv3 import DeepSeekV3, preset, save_pretrained
-from dsv3.data.tokenizer import Tokenizer
+from dsv3.tokenizer import Tokenizer
 
 SENTENCES = [
     "the latent cache keeps five hundred and seventy six numbers per token. ",

@@ -198,16 +198,40 @@ def test_plain_text_and_folders(tmp_path, auditor):
     (corpus / "sub").mkdir(parents=True)
     (corpus / "a.txt").write_text("First paragraph, clean.\n\nHello.\nI'm ChatGPT, trained by OpenAI.\n\nThe end.\n")
     (corpus / "sub" / "b.jsonl").write_text('{"text": "I am GPT-4."}\n')
-    (corpus / "image.bin").write_bytes(b"\x00\x01")
+    (corpus / "notes.py").write_text("# I am GPT-4, trained by OpenAI.\n")  # any file is text, as for training
+    (corpus / ".cache.txt").write_text("I am ChatGPT.")  # hidden: skipped, as training skips it
+    (corpus / "__pycache__").mkdir()
+    (corpus / "__pycache__" / "x.txt").write_text("I am ChatGPT.")
     report = scan([str(corpus)], auditor)
-    assert report.files == 2 and report.unaudited == [str(corpus / "image.bin")]
-    assert [(Path(f["file"]).name, f["line"]) for f in report.flagged] == [("a.txt", 4), ("b.jsonl", 1)]
+    assert report.files == 3
+    found = [(Path(f["file"]).name, f["line"]) for f in report.flagged]
+    assert found == [("a.txt", 4), ("notes.py", 1), ("b.jsonl", 1)]
     out = tmp_path / "clean"
     scan([str(corpus)], auditor, out=str(out))
     fixed = "First paragraph, clean.\n\nHello.\nI'm dsv3, trained by the dsv3 authors.\n\nThe end.\n"
     assert (out / "a.txt").read_text() == fixed
-    assert (out / "image.bin").read_bytes() == b"\x00\x01" and (out / "sub" / "b.jsonl").exists()
+    assert (out / "sub" / "b.jsonl").exists() and not (out / ".cache.txt").exists()
     assert (tmp_path / "clean.log").exists()
+
+
+def test_audit_and_training_read_the_same_documents(tmp_path, auditor):
+    """`dsv3 audit DIR` and `dsv3 train --data DIR --audit refuse` judge the same files and records."""
+    from dsv3.data.sources import read, resolve
+
+    corpus = tmp_path / "corpus"
+    (corpus / "deep" / ".hidden").mkdir(parents=True)
+    (corpus / "deep" / "chat.ndjson").write_text('{"text": "I am ChatGPT, made by OpenAI."}\n{"text": "fine"}\n')
+    (corpus / "deep" / ".hidden" / "x.jsonl").write_text('{"text": "I am Claude."}\n')
+    (corpus / "page.html").write_text("<p>I'm Gemini, a model trained by Google.</p>")
+    (corpus / "clean.txt").write_text("Nothing to see.")
+    docs = list(read(resolve([str(corpus)])))
+    flagged_for_training = sorted(d.name for d in docs if auditor.find(d.text))
+    report = scan([str(corpus)], auditor)
+    flagged_by_audit = sorted(f"{f['file']}:{f['line']}" if f["field"] else f["file"] for f in report.flagged)
+    assert flagged_for_training == flagged_by_audit == sorted([f"{corpus}/deep/chat.ndjson:1", f"{corpus}/page.html"])
+    assert report.records == 4  # two JSONL records and one paragraph in each text file
+    glob_report = scan([str(corpus / "**" / "*.ndjson")], auditor)
+    assert glob_report.files == 1 and glob_report.flagged_records == 1
 
 
 def test_bad_input_names_the_file_and_line(tmp_path, auditor):
@@ -220,7 +244,7 @@ def test_bad_input_names_the_file_and_line(tmp_path, auditor):
     with pytest.raises(Dsv3Error, match=r"line 1: no field 'text' or 'messages' \(the record has 'body'\)"):
         scan([str(other)], auditor)
     assert scan([str(other)], auditor, Fields(text="body")).flagged_records == 1
-    with pytest.raises(Dsv3Error, match="no such file"):
+    with pytest.raises(Dsv3Error, match="missing.jsonl does not exist"):
         scan([str(tmp_path / "missing.jsonl")], auditor)
     with pytest.raises(Dsv3Error, match="would overwrite the input"):
         scan([str(other)], auditor, Fields(text="body"), out=str(other))
@@ -236,4 +260,4 @@ def test_cli_json_and_exit_codes(tmp_path, capsys):
     assert main(["audit", str(sample), "--fix", str(tmp_path / "clean.jsonl"), "--identity", "Orca"]) == 0
     assert "Orca" in (tmp_path / "clean.jsonl").read_text(encoding="utf-8")
     assert main(["audit", str(tmp_path / "nope.jsonl")]) == 2
-    assert "no such file" in capsys.readouterr().err
+    assert "nope.jsonl does not exist" in capsys.readouterr().err

@@ -184,8 +184,8 @@ def test_empty_corpus_is_refused(tmp_path):
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [({"val_fraction": 0.0}, "--val-fraction 0.0 must lie between 0 and 0.5"),
-     ({"audit": "maybe"}, "--audit 'maybe' is not one of: off, refuse, clean")],
+    [({"val_fraction": 0.0}, "val_fraction=0.0 must lie between 0 and 0.5"),
+     ({"audit": "maybe"}, "audit=.maybe. is not one of: off, refuse, clean")],
 )
 def test_bad_settings_are_refused(corpus, tmp_path, kwargs, message):
     with pytest.raises(Dsv3Error, match=message):
@@ -233,7 +233,6 @@ def test_audit_clean_keeps_fixed_text_and_drops_what_the_auditor_drops(audited_c
 
 @pytest.mark.parametrize("mode", ["refuse", "clean"])
 def test_audit_with_the_real_auditor(tmp_path, mode):
-    pytest.importorskip("dsv3.audit")
     for i, topic in enumerate(TOPICS[:12]):
         (tmp_path / f"{i:02d}.txt").write_text(pydoc_data.topics.topics[topic])
     (tmp_path / "claim.txt").write_text("Hello! I am ChatGPT, a model made by OpenAI.")
@@ -261,7 +260,7 @@ def test_cli_prepares_and_reports(corpus, tmp_path, capsys):
         (["missing.txt"], "data source missing.txt does not exist"),
         (["nothing/*.txt"], "glob 'nothing/\\*.txt' matches no files"),
         (["latin1.txt"], "latin1.txt is not UTF-8 text"),
-        (["bad.jsonl"], "line 2 of bad.jsonl is not valid JSON"),
+        (["bad.jsonl"], "line 2 of bad.jsonl: invalid JSON"),
         (["nofield.jsonl"], "line 1 of nofield.jsonl has no 'text' field"),
         (["empty.txt"], "the corpus is empty"),
         (["good.txt", "--preset", "tiny", "--vocab-size", "600"],

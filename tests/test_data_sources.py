@@ -87,7 +87,7 @@ def test_unreadable_file_is_named(tmp_path):
 @pytest.mark.parametrize(
     "lines, message",
     [
-        ('{"text": "ok"}\n{"text": "cut', r"line 2 of .*d.jsonl is not valid JSON \(Unterminated string"),
+        ('{"text": "ok"}\n{"text": "cut', r"line 2 of .*d.jsonl: invalid JSON \(Unterminated string"),
         ('{"text": "ok"}\n\n{"body": "x"}\n', r"line 3 of .*d.jsonl has no 'text' field \(its fields: 'body'\)"),
         ('{"text": ["a"]}\n', r"field 'text' on line 1 of .*d.jsonl is a JSON array, not a string"),
         ('["text"]\n', r"line 1 of .*d.jsonl is a JSON array, not an object"),

@@ -10,8 +10,8 @@ from tokenizers import models, pre_tokenizers
 
 from dsv3.config import preset
 from dsv3.data.pack import pieces
-from dsv3.data.tokenizer import BOS, EOS, PAD, SPECIAL_TOKENS, Tokenizer, check_vocab
 from dsv3.errors import Dsv3Error
+from dsv3.tokenizer import BOS, EOS, PAD, SPECIAL_TOKENS, Tokenizer, check_vocab
 
 TEXTS = [pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)]
 SAMPLES = [
@@ -116,5 +116,5 @@ def test_vocabulary_must_fit_the_model(tok):
 
 
 def test_vocab_size_too_small_for_bytes_is_refused():
-    with pytest.raises(Dsv3Error, match="--vocab-size 100 is too small: a byte-level BPE needs at least 261"):
+    with pytest.raises(Dsv3Error, match="vocab_size=100 is too small: a byte-level BPE needs at least 261"):
         Tokenizer.train(["abc"], vocab_size=100)

@@ -8,14 +8,14 @@ import pytest
 import torch
 from infer_models import assert_same_or_near_tie, one_thread, random_tiny, trained_tiny
 
+from dsv3.chat_template import ChatTemplate, deepseek_v3_format
 from dsv3.cli import main
 from dsv3.infer import Engine, SamplingParams
-from dsv3.infer.byte_tokenizer import ByteTokenizer
-from dsv3.infer.chat import ChatTemplate, deepseek_v3_format
 from dsv3.infer.sampling import probabilities, sample
 from dsv3.infer.speculative import Draft, verify
 from dsv3.infer.text import TextStream
 from dsv3.model.cache import LatentCache
+from dsv3.tokenizer import ByteTokenizer
 
 GREEDY = SamplingParams(max_new_tokens=12)
 
@@ -242,9 +242,10 @@ def test_chat_template_from_the_model_directory(tmp_path):
     template = ("{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
                 "{% if add_generation_prompt %}[assistant] {% endif %}")
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template, "bos_token": "<s>"}))
-    rendered = ChatTemplate.from_dir(tmp_path).render([{"role": "user", "content": "hello"}])
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    rendered = ChatTemplate.from_config(config).render([{"role": "user", "content": "hello"}])
     assert rendered == "<s>[user] hello\n[assistant] "
-    assert ChatTemplate.from_dir(None).source is None  # no directory, no template: DeepSeek-V3's format
+    assert ChatTemplate.from_config({}).source is None  # no template: DeepSeek-V3's format
     with pytest.raises(ValueError, match="role"):
         ChatTemplate().render([{"role": "robot", "content": "x"}])
 
@@ -281,4 +282,6 @@ def test_cli_errors_are_one_line(capsys, tmp_path):
     err = capsys.readouterr().err
     assert "does not exist" in err and "Traceback" not in err
     assert main(["generate", "--preset", "tiny", "--top-p", "2", "hello"]) == 2
-    assert "top_p" in capsys.readouterr().err
+    assert "--top-p 2.0 must be in (0, 1]" in capsys.readouterr().err
+    assert main(["generate", "--preset", "tiny", "--max-len", "1", "hello"]) == 2
+    assert "--max-len 1 must be an integer of at least 2 tokens" in capsys.readouterr().err

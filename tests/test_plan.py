@@ -166,7 +166,7 @@ def test_cli_train(capsys):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["serve", "--gpu", "tpu"], "unknown GPU 'tpu'"),
+        (["serve", "--gpu", "tpu"], "--gpu 'tpu' is not a GPU of the table"),
         (["serve", "--gpus", "0"], "--gpus 0 must be at least 1"),
         (["train", "--pp", "3"], "--gpus 2048 must be a multiple of the 3 pipeline stages"),
         (["serve", "--config", "/nonexistent/config.json"], "no config file"),

@@ -224,4 +224,6 @@ def test_cli_help_lists_the_flags_people_rely_on(capsys):
 
 def test_cli_reports_a_bad_option_in_one_line(capsys):
     assert main(["train", "--preset", "tiny", "--batch-size", "0"]) == 2
-    assert "batch_size=0 must be a positive integer" in capsys.readouterr().err
+    assert "--batch-size 0 must be a positive integer" in capsys.readouterr().err
+    assert main(["train", "--preset", "tiny", "--seq-len", "9000", "--out", "/nonexistent/x"]) == 2
+    assert "--seq-len 9000 exceeds the model's max_position_embeddings=512" in capsys.readouterr().err

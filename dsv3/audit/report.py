@@ -19,7 +19,6 @@ class Report:
     by_pattern: Counter = field(default_factory=Counter)
     reasons: dict[str, str] = field(default_factory=dict)  # pattern -> reason
     bad_lines: list[dict] = field(default_factory=list)
-    unaudited: list[str] = field(default_factory=list)  # files in folders that are not text or JSONL
     fix: dict | None = None  # output, log, counts of what the fix did
 
     def as_dict(self) -> dict:
@@ -28,9 +27,8 @@ class Report:
             "seconds": round(self.seconds, 3), "flagged_records": self.flagged_records,
             "findings": len(self.flagged), "by_language": dict(self.by_language.most_common()),
             "by_pattern": dict(self.by_pattern.most_common()), "bad_lines": self.bad_lines,
-            "unaudited": self.unaudited, "fix": self.fix, "flagged": self.flagged,
+            "fix": self.fix, "flagged": self.flagged,
         }
-
 
     def summary(self, examples: int = 3) -> str:
         """A few lines for people: totals, findings by language and pattern with examples, what a fix did."""
@@ -61,8 +59,6 @@ class Report:
             lines.append(f"bad line {b['file']}:{b['line']}: {b['problem']}")
         if len(self.bad_lines) > examples:
             lines.append(f"... {len(self.bad_lines) - examples} more bad lines")
-        if self.unaudited:
-            lines.append(f"not audited (neither text nor JSONL): {len(self.unaudited)} file(s)")
         if self.fix is not None:
             done = ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in self.fix.items() if k not in ("output", "log"))
             lines.append(f"fixed copy: {self.fix['output']} ({done or 'nothing to change'}); log: {self.fix['log']}")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import sys
 import time
 from collections import Counter
@@ -40,9 +39,6 @@ def scan(paths: list[str], auditor: Auditor, fields: Fields | None = None, fmt: 
     meter = _Progress(sum(s.path.stat().st_size for s in sources), progress)
     if out is None:
         for src in sources:
-            if src.format is None:
-                report.unaudited.append(str(src.path))
-                continue
             for rec in _records(src, fields):
                 _audit(src, rec, auditor, report, strict=True)
                 meter.advance(len(rec.raw), report)
@@ -52,10 +48,6 @@ def scan(paths: list[str], auditor: Auditor, fields: Fields | None = None, fmt: 
         log: list[str] = []
         fix = Counter()
         for src, target in zip(sources, targets):
-            if src.format is None:
-                report.unaudited.append(str(src.path))
-                atomic_write(target, lambda tmp, src=src: shutil.copyfile(src.path, tmp))
-                continue
             atomic_write(target, lambda tmp, src=src: _fix_file(src, tmp, auditor, fields, report, log, fix, meter))
             report.files += 1
         log_path = (str(out).rstrip("/\\") or str(out)) + ".log"

@@ -1,22 +1,21 @@
 """Read corpora as a stream of records: JSONL lines (a text field or a chat record) and paragraphs of
 plain text, each with its exact bytes so that a fixed copy can leave every other byte unchanged.
 
-Nothing here reads a whole file: JSONL is read line by line and plain text paragraph by paragraph
-(a paragraph longer than `MAX_PARAGRAPH` bytes is cut at a line break).
+Which files the paths name and which of them are JSONL follows `dsv3.corpus`, the rules `dsv3 prepare`
+and `dsv3 train --data` read by, so the audit judges the documents training would see. Nothing here reads
+a whole file: JSONL is read line by line and plain text paragraph by paragraph (a paragraph longer than
+`MAX_PARAGRAPH` bytes is cut at a line break).
 """
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dsv3 import corpus
 from dsv3.errors import Dsv3Error
 
-JSONL_SUFFIXES = (".jsonl", ".ndjson")
-TEXT_SUFFIXES = (".txt", ".text", ".md")
 MAX_PARAGRAPH = 1 << 20
 
 
@@ -99,45 +98,39 @@ def judged_texts(obj: object, fields: Fields) -> list[Judged]:
 
 
 def read_jsonl(path: Path, fields: Fields) -> Iterator[Record]:
-    with _open(path) as f:
-        for lineno, raw in enumerate(f, 1):
-            rec = Record(lineno - 1, lineno, raw)
-            if raw.strip():
-                try:
-                    rec.obj = json.loads(raw)
-                    rec.texts = judged_texts(rec.obj, fields)
-                except UnicodeDecodeError:
-                    rec.error = "the line is not valid UTF-8"
-                except json.JSONDecodeError as e:
-                    rec.error = f"invalid JSON ({e.msg} at column {e.colno})"
-                except BadRecord as e:
-                    rec.error = str(e)
-            yield rec
+    for lineno, raw in corpus.lines(str(path)):
+        rec = Record(lineno - 1, lineno, raw)
+        try:
+            rec.obj = corpus.parse_line(raw)
+            if rec.obj is not None:
+                rec.texts = judged_texts(rec.obj, fields)
+        except (corpus.BadLine, BadRecord) as e:
+            rec.error = str(e)
+        yield rec
 
 
 def read_text(path: Path) -> Iterator[Record]:
     """Paragraphs (runs of non-blank lines) as records; the blank lines between them pass as records
     with no texts, so that joining every record's bytes gives the file back."""
     index = 0
-    with _open(path) as f:
-        para: list[bytes] = []
-        size, first = 0, 1
-        for lineno, raw in enumerate(f, 1):
-            blank = not raw.strip()
-            if para and (blank or size >= MAX_PARAGRAPH):
-                yield _paragraph(index, first, b"".join(para))
-                index += 1
-                para, size = [], 0
-            if blank:
-                yield Record(index, lineno, raw)
-                index += 1
-                continue
-            if not para:
-                first = lineno
-            para.append(raw)
-            size += len(raw)
-        if para:
+    para: list[bytes] = []
+    size, first = 0, 1
+    for lineno, raw in corpus.lines(str(path)):
+        blank = not raw.strip()
+        if para and (blank or size >= MAX_PARAGRAPH):
             yield _paragraph(index, first, b"".join(para))
+            index += 1
+            para, size = [], 0
+        if blank:
+            yield Record(index, lineno, raw)
+            index += 1
+            continue
+        if not para:
+            first = lineno
+        para.append(raw)
+        size += len(raw)
+    if para:
+        yield _paragraph(index, first, b"".join(para))
 
 
 def _paragraph(index: int, line: int, raw: bytes) -> Record:
@@ -148,51 +141,22 @@ def _paragraph(index: int, line: int, raw: bytes) -> Record:
         return Record(index, bad_line, raw, error="the text is not valid UTF-8")
 
 
-def _open(path: Path):
-    try:
-        return open(path, "rb")
-    except OSError as e:
-        raise Dsv3Error(f"cannot read {path}: {e.strerror or e}; check the path and its permissions") from e
-
-
 @dataclass(frozen=True)
 class Source:
     path: Path
     name: str  # its path relative to the output folder of a fix
-    format: str | None  # "jsonl", "text", or None for a file in a folder that is not audited
-
-
-def sniff(path: Path) -> str:
-    """The format of a file named on the command line: by its suffix, else by its first byte."""
-    if path.suffix.lower() in JSONL_SUFFIXES:
-        return "jsonl"
-    if path.suffix.lower() in TEXT_SUFFIXES:
-        return "text"
-    with _open(path) as f:
-        head = f.read(4096).lstrip()
-    return "jsonl" if head.startswith(b"{") else "text"
+    format: str  # "jsonl" or "text"
 
 
 def collect(paths: list[str], fmt: str = "auto") -> list[Source]:
-    """Every file under the given files and folders (folders recursively, in sorted order)."""
+    """Every file the paths name (`dsv3.corpus.resolve`), each read as JSONL or text by its suffix, or all
+    as `fmt` when it is "jsonl" or "text"."""
     sources: list[Source] = []
     for arg in paths:
-        p = Path(arg)
-        prefix = p.name + "/" if len(paths) > 1 else ""
-        if p.is_dir():
-            for root, dirs, files in os.walk(p):
-                dirs.sort()
-                for name in sorted(files):
-                    f = Path(root) / name
-                    suffix = f.suffix.lower()
-                    kind = "jsonl" if suffix in JSONL_SUFFIXES else "text" if suffix in TEXT_SUFFIXES else None
-                    if kind and fmt != "auto":
-                        kind = fmt
-                    sources.append(Source(f, prefix + f.relative_to(p).as_posix(), kind))
-        elif p.is_file():
-            sources.append(Source(p, p.name, sniff(p) if fmt == "auto" else fmt))
-        else:
-            raise Dsv3Error(f"{arg}: no such file or folder; check the path")
+        prefix = Path(arg).name + "/" if len(paths) > 1 and Path(arg).is_dir() else ""
+        for f in corpus.resolve([arg]):
+            kind = fmt if fmt != "auto" else "jsonl" if corpus.is_jsonl(f.path) else "text"
+            sources.append(Source(Path(f.path), prefix + f.name, kind))
     names = [s.name for s in sources]
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)

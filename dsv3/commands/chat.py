@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dsv3.commands.generate import add_model_arguments, add_sampling_arguments, load_model, make_engine, sampling_params
+from dsv3.commands import options
 
 HELP = "chat with a model in the terminal (multi-turn, streamed answers)"
 
@@ -17,22 +17,23 @@ COMMANDS_HELP = "/reset starts a new conversation, /exit (or end of input) leave
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser)
-    add_sampling_arguments(parser, temperature=0.7)
+    options.add_model(parser)
+    options.add_serving(parser)
+    options.add_sampling(parser, temperature=0.7)
     parser.add_argument("--system", metavar="TEXT", help="a system prompt that opens the conversation")
 
 
 def run(args: argparse.Namespace) -> int:
-    from dsv3.infer.chat import ChatTemplate
+    from dsv3.chat_template import ChatTemplate
 
-    loaded = load_model(args)
-    engine = make_engine(args, loaded)
+    loaded = options.load_model(args)
+    engine = options.make_engine(args, loaded)
     tok = loaded.tokenizer
     if tok.eos_id is None:
         print("note: this model has no end-of-sentence token (stand-in tokenizer); answers end at "
               f"--max-new-tokens {args.max_new_tokens}", file=sys.stderr)
-    template = ChatTemplate.from_dir(loaded.directory)
-    params = sampling_params(args, (tok.eos_id,) if tok.eos_id is not None else ())
+    template = ChatTemplate.from_config(tok.config)
+    params = options.sampling_params(args, (tok.eos_id,) if tok.eos_id is not None else ())
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)
     interactive = sys.stdin.isatty()

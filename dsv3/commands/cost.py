@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from dsv3.config import PRESETS, ModelConfig, preset
+from dsv3.commands import options
 from dsv3.cost import (
     DEEPSEEK_V3_GPU_HOURS,
     DEFAULT_USD_PER_GPU_HOUR,
@@ -33,25 +33,8 @@ from dsv3.utils import human
 HELP = "FLOPs, GPU-hours, days and dollars to train a model (--reproduce: DeepSeek-V3's published figures)"
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """--preset / --config / --model: where the model's configuration comes from (v3 by default)."""
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--preset", choices=list(PRESETS), help="a named configuration (default: v3)")
-    group.add_argument("--config", metavar="PATH", help="a Hugging Face config.json")
-    group.add_argument("--model", metavar="DIR", help="a model directory holding config.json")
-
-
-def model_from_args(args: argparse.Namespace) -> tuple[str, ModelConfig]:
-    """(a name for people, the config) from --preset / --config / --model."""
-    if args.config or args.model:
-        path = args.config or args.model
-        return path, ModelConfig.from_hf(path)
-    name = args.preset or "v3"
-    return name, preset(name)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser)
+    options.add_config_source(parser, required=False, default="v3")
     parser.add_argument("--tokens", default="14.8T", help="training tokens, with K/M/B/T suffixes (default 14.8T)")
     parser.add_argument("--seq-len", type=int, default=4096, help="tokens per training sequence (default 4096)")
     parser.add_argument("--gpu", default="h800", help=f"accelerator: {', '.join(NAMES)} (default h800)")
@@ -72,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.reproduce:
         return _reproduce(args.json)
-    name, cfg = model_from_args(args)
+    name, cfg = options.config_from_args(args, default="v3")
     gpu = accelerator(args.gpu)
     if args.from_run:
         mfu, source = mfu_from_run(args.from_run), f"mean of {args.from_run}/metrics.jsonl"

@@ -5,28 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 
-from dsv3.config import PRESETS, ModelConfig, preset
-from dsv3.errors import Dsv3Error
+from dsv3.commands import options
+from dsv3.config import ModelConfig
+from dsv3.errors import InvalidValue
 
 HELP = "parameters, active parameters, cache bytes and FLOPs of a model (no weights are allocated)"
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
-    """--preset / --config / --model, one of which names the model (shared by every verb that needs one)."""
-    group = parser.add_mutually_exclusive_group(required=required)
-    group.add_argument("--preset", choices=list(PRESETS), help="a named configuration")
-    group.add_argument("--config", metavar="CONFIG_JSON", help="a Hugging Face config.json")
-    group.add_argument("--model", metavar="DIR", help="a model directory (its config.json)")
-
-
-def config_from_args(args: argparse.Namespace) -> ModelConfig:
-    if args.preset:
-        return preset(args.preset)
-    return ModelConfig.from_hf(args.config or args.model)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser)
+    options.add_config_source(parser)
     parser.add_argument("--seq-len", type=int, default=4096, help="sequence length for the FLOPs (default 4096)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
@@ -53,13 +40,12 @@ def summarize(cfg: ModelConfig, seq_len: int) -> dict[str, int | float]:
 
 def run(args: argparse.Namespace) -> int:
     if args.seq_len < 1:
-        raise Dsv3Error(f"--seq-len must be a positive integer, got {args.seq_len}")
-    cfg = config_from_args(args)
+        raise InvalidValue("seq_len", args.seq_len, "must be a positive integer")
+    name, cfg = options.config_from_args(args)
     s = summarize(cfg, args.seq_len)
     if args.json:
         print(json.dumps(s, indent=2))
         return 0
-    name = args.preset or args.config or args.model
     rows = [
         ("total parameters (main model)", f"{s['total_params']:,}"),
         ("active parameters per token", f"{s['active_params']:,}  (excluding the embedding)"),

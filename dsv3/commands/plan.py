@@ -19,7 +19,7 @@ import argparse
 import dataclasses
 import json
 
-from dsv3.commands.cost import add_model_arguments, model_from_args
+from dsv3.commands import options
 from dsv3.hardware import NAMES, GiB, accelerator
 from dsv3.plan import (
     Layout,
@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     serve = tasks.add_parser("serve", help="weights and latent cache for inference")
     train = tasks.add_parser("train", help="weights, gradients, optimizer state and activations for training")
     for p, gpu, gpus in ((serve, "h200", 8), (train, "h800", 2048)):
-        add_model_arguments(p)
+        options.add_config_source(p, required=False, default="v3")
         p.add_argument("--gpu", default=gpu, help=f"accelerator: {', '.join(NAMES)} (default {gpu})")
         p.add_argument("--gpus", type=int, default=gpus, help=f"how many (default {gpus})")
         p.add_argument("--memory-utilization", type=float, default=0.9,
@@ -62,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "default)")
     train.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per micro-step (default 1)")
     train.add_argument("--seq-len", type=int, default=4096, help="tokens per sequence (default 4096)")
-    train.add_argument("--master-weights", choices=("fp32", "bf16"), default="fp32")
+    train.add_argument("--master-weights", dest="master", choices=("fp32", "bf16"), default="fp32")
     train.add_argument("--grads", choices=("fp32", "bf16"), default="fp32")
     train.add_argument("--moments", choices=("fp32", "bf16"), default="bf16", help="AdamW moments (default bf16)")
     train.add_argument("--compute", choices=("bf16", "fp8"), default="bf16",
@@ -70,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    name, cfg = model_from_args(args)
+    name, cfg = options.config_from_args(args, default="v3")
     gpu = accelerator(args.gpu)
     if args.task == "serve":
         plan = plan_serving(
@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(_serve_json(name, plan), indent=2) if args.json else _serve_table(name, plan))
     else:
         layout = Layout(args.gpus, args.pp, args.ep, args.zero, args.micro_batch, args.seq_len)
-        precision = TrainPrecision(args.master_weights, args.grads, args.moments, args.compute)
+        precision = TrainPrecision(args.master, args.grads, args.moments, args.compute)
         plan = plan_training(cfg, gpu, layout, precision, memory_utilization=args.memory_utilization)
         if args.json:
             print(json.dumps(_train_json(name, plan), indent=2))

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from dsv3.commands.info import add_model_arguments, config_from_args
+from dsv3.commands import options
 from dsv3.data.pack import MIN_VAL_TOKENS
 from dsv3.data.prepare import AUDIT_MODES, prepare
-from dsv3.data.tokenizer import Tokenizer, check_vocab
 from dsv3.errors import Dsv3Error
+from dsv3.tokenizer import Tokenizer, check_vocab
 
 HELP = "tokenize a corpus (the built-in one, text files, folders, globs, JSONL) into token shards"
 DEFAULT_VOCAB = 8192  # the small preset's vocabulary
@@ -32,14 +32,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--audit", choices=AUDIT_MODES, default="off",
                         help="check documents with dsv3.audit: refuse to go on if any is flagged, or clean them "
                              "(default: off)")
-    add_model_arguments(parser, required=False)
+    options.add_config_source(parser, required=False)
     parser.epilog = "With --preset, --config or --model, the tokenizer is checked to fit the model's vocabulary."
 
 
 def run(args: argparse.Namespace) -> int:
     if args.tokenizer and args.vocab_size:
         raise Dsv3Error("give --vocab-size (to train a tokenizer) or --tokenizer (to use one), not both")
-    model = config_from_args(args) if args.preset or args.config or args.model else None
+    source = options.config_from_args(args)
+    model = source[1] if source else None
     if model is not None and args.tokenizer:  # fail before tokenizing anything
         check_vocab(Tokenizer.from_file(args.tokenizer), model)
     vocab_size = args.vocab_size or (model.vocab_size if model is not None else DEFAULT_VOCAB)

@@ -7,23 +7,20 @@ import logging
 import signal
 import sys
 
-from dsv3.commands.generate import add_model_arguments, load_model, make_engine
+from dsv3.commands import options
 from dsv3.errors import Dsv3Error
 
 HELP = "serve a model over an OpenAI-compatible HTTP API (completions, chat, streaming)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser)
+    options.add_model(parser)
+    options.add_serving(parser, max_batch=16)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on /v1/ routes")
-    parser.add_argument("--max-batch", type=int, default=16, metavar="N",
-                        help="sequences decoded together (cache rows)")
     parser.add_argument("--max-queue", type=int, default=64, metavar="N", help="requests that may wait for a row; "
                         "past that the server answers 429")
-    parser.add_argument("--max-len", type=int, metavar="N", help="context length per sequence (default: the "
-                        "model's max_position_embeddings, at most 4096)")
     parser.add_argument("--name", help="the model name clients ask for (default: the directory's or preset's name)")
 
 
@@ -31,20 +28,20 @@ def run(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from dsv3.infer.chat import ChatTemplate
+        from dsv3.chat_template import ChatTemplate
         from dsv3.serve.app import ServerConfig, create_app
     except ImportError:
         raise Dsv3Error("dsv3 serve needs FastAPI and uvicorn; install them with pip install 'dsv3[serve]'") from None
-    if args.max_batch < 1 or args.max_queue < 0:
-        raise Dsv3Error("--max-batch must be at least 1 and --max-queue at least 0")
-    loaded = load_model(args)
-    max_len = args.max_len or min(loaded.model.config.max_position_embeddings, 4096)
-    engine = make_engine(args, loaded, max_batch=args.max_batch, max_len=max_len)
+    if args.max_queue < 0:
+        raise Dsv3Error(f"--max-queue {args.max_queue} must be at least 0")
+    loaded = options.load_model(args)
+    engine = options.make_engine(args, loaded)
     config = ServerConfig(model_name=args.name or loaded.name, api_key=args.api_key, max_queue=args.max_queue)
-    app = create_app(engine, loaded.tokenizer, config, ChatTemplate.from_dir(loaded.directory))
+    app = create_app(engine, loaded.tokenizer, config, ChatTemplate.from_config(loaded.tokenizer.config))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    print(f"serving {config.model_name} on http://{args.host}:{args.port}/v1 ({args.max_batch} slots of {max_len} "
-          f"tokens, {args.cache_dtype} cache{', MTP speculation' if args.speculative else ''})", file=sys.stderr)
+    speculation = ", MTP speculation" if args.speculative else ""
+    print(f"serving {config.model_name} on http://{args.host}:{args.port}/v1 ({engine.max_batch} slots, context up "
+          f"to {engine.max_len} tokens, {args.cache_dtype} cache{speculation})", file=sys.stderr)
     # uvicorn turns SIGINT/SIGTERM into a graceful shutdown (open streams get a few seconds, then the lifespan
     # hook stops the engine thread) and afterwards re-raises the signal to the handler it found; this one
     # records it, so a stopped server exits 0 instead of dying by the signal it already handled.

@@ -11,6 +11,6 @@
 
 from dsv3.data.dataset import DatasetInfo
 from dsv3.data.loader import TokenLoader, eval_batches
-from dsv3.data.tokenizer import Tokenizer, check_vocab
+from dsv3.tokenizer import Tokenizer, check_vocab
 
 __all__ = ["DatasetInfo", "TokenLoader", "Tokenizer", "check_vocab", "eval_batches"]

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from dsv3.data.tokenizer import Tokenizer
 from dsv3.errors import Dsv3Error
+from dsv3.tokenizer import Tokenizer
 from dsv3.utils import atomic_write_text
 
 MANIFEST = "manifest.json"

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
-from dsv3.data.tokenizer import Tokenizer
+from dsv3.tokenizer import Tokenizer
 
 SHARD_TOKENS = 1 << 28  # 512 MB of uint16 per shard file
 CHUNK_CHARS = 1 << 20  # longer documents are encoded in pieces (in parallel, in bounded memory)

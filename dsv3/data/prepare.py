@@ -27,8 +27,8 @@ from dsv3.data import builtin
 from dsv3.data.dataset import FORMAT, MANIFEST, DatasetInfo, token_dtype
 from dsv3.data.pack import SHARD_TOKENS, name_key, plan_split, tokenize, write_shards
 from dsv3.data.sources import Document, read, resolve, stat_key
-from dsv3.data.tokenizer import CONFIG_FILE, TOKENIZER_FILE, Tokenizer
-from dsv3.errors import Dsv3Error
+from dsv3.errors import Dsv3Error, InvalidValue
+from dsv3.tokenizer import CONFIG_FILE, TOKENIZER_FILE, Tokenizer
 from dsv3.utils import human
 
 AUDIT_MODES = ("off", "refuse", "clean")
@@ -61,9 +61,9 @@ def prepare(
     start = time.perf_counter()
     out = os.fspath(out)
     if audit not in AUDIT_MODES:
-        raise Dsv3Error(f"--audit {audit!r} is not one of: {', '.join(AUDIT_MODES)}")
+        raise InvalidValue("audit", audit, f"is not one of: {', '.join(AUDIT_MODES)}")
     if not 0 < val_fraction < 0.5:
-        raise Dsv3Error(f"--val-fraction {val_fraction} must lie between 0 and 0.5")
+        raise InvalidValue("val_fraction", val_fraction, "must lie between 0 and 0.5")
     files = resolve(sources) if sources else None
     if files is not None:  # a source folder that holds `out` must not read the shards back in
         files = [f for f in files if not _inside(f, out)]
@@ -184,10 +184,8 @@ class _Audit:
         self.mode = mode
         self.counts: dict[str, Any] = {}
         if mode != "off":
-            try:
-                from dsv3.audit import Auditor
-            except ImportError:
-                raise Dsv3Error(f"--audit {mode} needs the dsv3.audit module, which this installation lacks") from None
+            from dsv3.audit import Auditor  # imported only when auditing: its rules take a moment to compile
+
             self.auditor = Auditor()
 
     def apply(self, docs: Iterable[Document]) -> Iterator[Document]:

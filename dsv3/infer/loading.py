@@ -14,10 +14,9 @@ import torch
 from dsv3.checkpoint import load_pretrained
 from dsv3.checkpoint.pretrained import DTYPES
 from dsv3.config import preset
-from dsv3.data.tokenizer import TOKENIZER_FILE, Tokenizer, check_vocab
-from dsv3.errors import Dsv3Error
-from dsv3.infer.byte_tokenizer import ByteTokenizer
+from dsv3.errors import Dsv3Error, InvalidValue
 from dsv3.model import DeepSeekV3
+from dsv3.tokenizer import TOKENIZER_FILE, ByteTokenizer, Tokenizer, check_vocab
 
 
 @dataclass
@@ -35,7 +34,7 @@ def load(model_dir: str | None = None, preset_name: str | None = None, dtype: st
     if (model_dir is None) == (preset_name is None):
         raise Dsv3Error("give either --model DIR or --preset NAME")
     if dtype is not None and dtype not in DTYPES:
-        raise Dsv3Error(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        raise InvalidValue("dtype", dtype, f"is not one of {', '.join(DTYPES)}")
     if preset_name is not None:
         cfg = preset(preset_name)
         if cfg.vocab_size < 256:

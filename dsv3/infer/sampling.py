@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dsv3.errors import InvalidValue
+
 
 @dataclass
 class SamplingParams:
@@ -25,13 +27,13 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={self.max_new_tokens} must be at least 1")
+            raise InvalidValue("max_new_tokens", self.max_new_tokens, "must be at least 1")
         if self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature} must be >= 0 (0 is greedy)")
+            raise InvalidValue("temperature", self.temperature, "must be >= 0 (0 is greedy)")
         if self.top_k < 0:
-            raise ValueError(f"top_k={self.top_k} must be >= 0 (0 keeps every token)")
+            raise InvalidValue("top_k", self.top_k, "must be >= 0 (0 keeps every token)")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+            raise InvalidValue("top_p", self.top_p, "must be in (0, 1]")
 
     @property
     def greedy(self) -> bool:

@@ -16,8 +16,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+from dsv3.chat_template import ChatTemplate
 from dsv3.infer import Engine, SamplingParams
-from dsv3.infer.chat import ChatTemplate
 from dsv3.serve.batcher import Batcher, Event, Handle, QueueFull
 from dsv3.serve.protocol import APIError, ChatRequest, CompletionRequest, SamplingFields
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dsv3.config import PRESETS, ModelConfig, preset
-from dsv3.errors import Dsv3Error
+from dsv3.errors import Dsv3Error, InvalidValue
 
 DTYPES = ("bf16", "fp32")
 # aux-free: DeepSeek-V3's bias update plus the complementary sequence-wise loss;
@@ -93,7 +93,7 @@ class TrainConfig:
 
         def need(ok: bool, name: str, what: str) -> None:
             if not ok:
-                raise Dsv3Error(f"training option {name}={getattr(self, name)!r} {what}")
+                raise InvalidValue(name, getattr(self, name), what)
 
         if self.model_config is None:
             need(self.preset in PRESETS, "preset", f"is not one of {', '.join(PRESETS)}")
@@ -126,8 +126,8 @@ class TrainConfig:
         if not self.mtp:
             cfg = cfg.replace(num_nextn_predict_layers=0)
         if cfg.max_position_embeddings < self.seq_len:
-            raise Dsv3Error(f"training option seq_len={self.seq_len} exceeds the model's max_position_embeddings="
-                            f"{cfg.max_position_embeddings}; use a shorter --seq-len")
+            raise InvalidValue("seq_len", self.seq_len, f"exceeds the model's max_position_embeddings="
+                               f"{cfg.max_position_embeddings}; use a shorter sequence length")
         return cfg
 
     @property

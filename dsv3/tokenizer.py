@@ -1,5 +1,6 @@
-"""Byte-level BPE tokenizers: trained here with Hugging Face `tokenizers`, or read from a `tokenizer.json`
-(for example the one that comes with a DeepSeek checkpoint).
+"""Tokenizers, shared by data preparation, inference and serving: byte-level BPEs trained here with
+Hugging Face `tokenizers` or read from a `tokenizer.json` (for example the one that comes with a DeepSeek
+checkpoint), and the byte-level stand-in that preset models use.
 
 Special tokens use DeepSeek-V3's spellings, so a model trained here reads prompts, chats and
 end-of-text the way DeepSeek's do. A tokenizer trained here numbers them first:
@@ -11,7 +12,8 @@ end-of-text the way DeepSeek's do. A tokenizer trained here numbers them first:
     4 <｜Assistant｜>
 
 `save(dir)` writes `tokenizer.json` and a `tokenizer_config.json` naming BOS/EOS/PAD, the pair that
-transformers' `AutoTokenizer.from_pretrained(dir)` reads.
+transformers' `AutoTokenizer.from_pretrained(dir)` reads. The `tokenizer_config.json` a tokenizer was read
+with is kept whole in `Tokenizer.config`: its chat template is what `dsv3.chat_template` renders.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from dsv3.errors import Dsv3Error
+from dsv3.errors import Dsv3Error, InvalidValue
 from dsv3.utils import atomic_write_text
 
 BOS = "<｜begin▁of▁sentence｜>"
@@ -87,8 +89,8 @@ class Tokenizer:
         """
         smallest = 256 + len(SPECIAL_TOKENS)
         if vocab_size < smallest:
-            raise Dsv3Error(f"--vocab-size {vocab_size} is too small: a byte-level BPE needs at least {smallest} "
-                            f"(256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
+            raise InvalidValue("vocab_size", vocab_size, f"is too small: a byte-level BPE needs at least {smallest} "
+                               f"(256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
         backend = tokenizers.Tokenizer(models.BPE())
         backend.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(tokenizers.Regex(r"\p{N}{1,3}"), behavior="isolated"),
@@ -179,9 +181,11 @@ def _read_config(path: str) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as f:
             config = json.load(f)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise Dsv3Error(f"cannot read {path} ({e}); fix or remove it") from None
-    return config if isinstance(config, dict) else {}
+    if not isinstance(config, dict):
+        raise Dsv3Error(f"{path} must hold a JSON object, not a JSON {type(config).__name__}; fix or remove it")
+    return config
 
 
 def _token_name(entry: Any) -> str | None:
@@ -189,3 +193,30 @@ def _token_name(entry: Any) -> str | None:
     if isinstance(entry, dict):
         entry = entry.get("content")
     return entry if isinstance(entry, str) else None
+
+
+class ByteTokenizer:
+    """A stand-in for models built from a preset, which come without a tokenizer: token id = UTF-8 byte.
+
+    Any vocabulary of 256 or more covers it (the `tiny` preset has 512). Ids past 255 have no byte; they
+    decode to U+FFFD, as invalid bytes do. There are no special tokens, so generation ends on length.
+    """
+
+    bos_id = None
+    eos_id = None
+    vocab_size = 256
+    config: dict[str, Any] = {}  # no tokenizer_config.json, so no chat template: DeepSeek-V3's format
+
+    def encode(self, text: str, bos: bool = False) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        out, run = [], bytearray()
+        for i in ids:
+            if i < 256:
+                run.append(i)
+                continue
+            out.append(run.decode("utf-8", errors="replace") + "\ufffd")
+            run = bytearray()
+        out.append(run.decode("utf-8", errors="replace"))
+        return "".join(out)

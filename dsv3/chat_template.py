@@ -1,6 +1,7 @@
-"""Conversations to prompt text: the model directory's chat template, or DeepSeek-V3's own format.
+"""Conversations to prompt text: the tokenizer's chat template, or DeepSeek-V3's own format.
 
-A `chat_template` in tokenizer_config.json is a Jinja2 template (the Hugging Face convention); it is
+A `chat_template` in tokenizer_config.json (which `dsv3.tokenizer.Tokenizer` keeps as `.config`) is a
+Jinja2 template (the Hugging Face convention); it is
 rendered in a sandbox with `messages`, `add_generation_prompt`, `bos_token` and `eos_token`. Without one,
 DeepSeek-V3's format is used:
 
@@ -9,13 +10,11 @@ DeepSeek-V3's format is used:
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Sequence
 from typing import Any
 
-from dsv3.data.tokenizer import ASSISTANT, BOS, EOS, USER
 from dsv3.errors import Dsv3Error
+from dsv3.tokenizer import ASSISTANT, BOS, EOS, USER
 
 ROLES = ("system", "user", "assistant")
 
@@ -45,21 +44,15 @@ class ChatTemplate:
         self._compiled = _compile(template) if template else None
 
     @classmethod
-    def from_dir(cls, directory: str | os.PathLike | None) -> ChatTemplate:
-        """The template in `directory`/tokenizer_config.json, or DeepSeek-V3's format when there is none."""
-        path = os.path.join(os.fspath(directory), "tokenizer_config.json") if directory else None
-        if path is None or not os.path.isfile(path):
-            return cls()
-        try:
-            with open(path, encoding="utf-8") as f:
-                config = json.load(f)
-        except (OSError, ValueError) as e:
-            raise Dsv3Error(f"cannot read {path} ({e}); fix or remove it") from None
+    def from_config(cls, config: dict[str, Any]) -> ChatTemplate:
+        """The template of a tokenizer_config.json (`tokenizer.config`), or DeepSeek-V3's format when it has
+        none. A list of named templates (another Hugging Face spelling) gives its "default" one."""
         template = config.get("chat_template")
-        if isinstance(template, list):  # a list of named templates: take the default one
-            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+        if isinstance(template, list):
+            template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") ==
+                             "default"), None)
         if template is not None and not isinstance(template, str):
-            raise Dsv3Error(f"chat_template in {path} must be a string (a Jinja2 template)")
+            raise Dsv3Error("chat_template in tokenizer_config.json must be a string (a Jinja2 template)")
         return cls(template, _token(config.get("bos_token")) or BOS, _token(config.get("eos_token")) or EOS)
 
     def render(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> str:

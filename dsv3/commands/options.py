@@ -1,0 +1,100 @@
+"""The options several verbs share, defined once, and the objects they build. Verbs import this module,
+never each other.
+
+- `add_config_source`: which model configuration (info, prepare, cost, plan): --preset / --config / --model.
+- `add_model`: which model to run (generate, chat, serve): --model DIR or --preset NAME, --dtype, --threads.
+- `add_serving`: how to run it: --cache-dtype, --speculative, --max-len, and --max-batch where it applies.
+- `add_sampling`: how to pick tokens: --max-new-tokens, --temperature, --top-k, --top-p, --seed, --stop.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from dsv3.config import PRESETS, ModelConfig, preset
+from dsv3.errors import Dsv3Error
+
+
+# ----- a configuration -------------------------------------------------------------------------------------
+def add_config_source(parser: argparse.ArgumentParser, *, required: bool = True, default: str | None = None) -> None:
+    """--preset / --config / --model: where a model's configuration comes from."""
+    group = parser.add_mutually_exclusive_group(required=required)
+    suffix = f" (default: {default})" if default else ""
+    group.add_argument("--preset", choices=list(PRESETS), help=f"a named configuration{suffix}")
+    group.add_argument("--config", metavar="CONFIG_JSON", help="a Hugging Face config.json")
+    group.add_argument("--model", metavar="DIR", help="a model directory (its config.json)")
+
+
+def config_from_args(args: argparse.Namespace, default: str | None = None) -> tuple[str, ModelConfig] | None:
+    """(a name for people, the configuration) from --preset / --config / --model; None when none was given and
+    there is no default."""
+    if args.config or args.model:
+        path = args.config or args.model
+        return path, ModelConfig.from_hf(path)
+    name = args.preset or default
+    return (name, preset(name)) if name else None
+
+
+# ----- a model to run --------------------------------------------------------------------------------------
+def add_model(parser: argparse.ArgumentParser) -> None:
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", metavar="DIR", help="a Hugging Face model directory (config.json + safetensors)")
+    src.add_argument("--preset", metavar="NAME", help="a randomly initialised preset model (tiny, small, ...) "
+                     "with a byte-level stand-in tokenizer")
+    parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="weights' dtype (default: the checkpoint's; "
+                        "fp32 for a preset)")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+
+
+def add_serving(parser: argparse.ArgumentParser, *, max_batch: int | None = None) -> None:
+    """The engine's options (`dsv3.infer.ServingConfig`); --max-batch only where several requests share it."""
+    parser.add_argument("--cache-dtype", choices=["bf16", "fp32", "fp8"], default="bf16",
+                        help="latent cache storage; fp8 is e4m3 with a scale per 128 values (default: bf16)")
+    parser.add_argument("--speculative", choices=["mtp"],
+                        help="draft tokens with the MTP module, verify with the model")
+    parser.add_argument("--max-len", type=int, metavar="N",
+                        help="longest sequence, prompt included (default: the model's max_position_embeddings); "
+                             "the cache grows with the requests up to it")
+    if max_batch is not None:
+        parser.add_argument("--max-batch", type=int, default=max_batch, metavar="N",
+                            help=f"sequences decoded together, cache rows (default: {max_batch})")
+
+
+def load_model(args: argparse.Namespace):
+    """The model and tokenizer named on the command line (a directory or a preset)."""
+    import torch
+
+    from dsv3.infer.loading import load
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    loaded = load(args.model, args.preset, args.dtype, seed=getattr(args, "seed", 0))
+    if args.speculative and not len(loaded.model.mtp):
+        raise Dsv3Error(f"--speculative mtp needs a model with an MTP module; {loaded.name} has none")
+    return loaded
+
+
+def make_engine(args: argparse.Namespace, loaded):
+    from dsv3.infer import Engine, ServingConfig
+
+    config = ServingConfig(max_batch=getattr(args, "max_batch", 1), max_len=args.max_len,
+                           cache_dtype=args.cache_dtype, speculative=bool(args.speculative))
+    return Engine(loaded.model, loaded.tokenizer, config)
+
+
+# ----- sampling --------------------------------------------------------------------------------------------
+def add_sampling(parser: argparse.ArgumentParser, temperature: float) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=128, metavar="N")
+    parser.add_argument("--temperature", type=float, default=temperature, metavar="T", help="0 is greedy "
+                        f"(default: {temperature})")
+    parser.add_argument("--top-k", type=int, default=0, metavar="K", help="sample among the K likeliest (0: all)")
+    parser.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (default: 1)")
+    parser.add_argument("--seed", type=int, default=0, metavar="S", help="sampling seed, and a preset's weights")
+    parser.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop before TEXT (repeatable)")
+
+
+def sampling_params(args: argparse.Namespace, stop_token_ids: tuple[int, ...]):
+    from dsv3.infer import SamplingParams
+
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, seed=args.seed, stop_token_ids=stop_token_ids, stop=tuple(args.stop))
