@@ -87,7 +87,7 @@ def main() -> None:
         hf_opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
         batches = itertools.cycle([next(base.loader) for _ in range(args.steps)])
 
-        steps = {name: (lambda t=t: t._optimizer_step()) for name, t in runs.items()}
+        steps = {name: (lambda t=t: t.optimizer_step()) for name, t in runs.items()}
         steps["transformers"] = lambda: hf_step(hf, hf_opt, next(batches), args.dtype)
         for step in steps.values():  # warm-up: first-call allocations
             step()

@@ -15,8 +15,10 @@ from dsv3.cli import main
 from dsv3.data import Tokenizer
 from dsv3.data.prepare import prepare
 from dsv3.errors import Dsv3Error
-from dsv3.train import TrainConfig, TrainingDiverged, loop, train
+from dsv3.train import TrainConfig, TrainingDiverged, train
 from dsv3.train import checkpoint as ckpt
+from dsv3.train import step as step_module
+from dsv3.train.budget import TimeBudget
 from dsv3.train.metrics import read_metrics
 
 
@@ -125,12 +127,40 @@ def test_no_mtp_trains_a_model_without_mtp_modules(tmp_path, data):
     assert "mtp_loss" not in read_metrics(result.run_dir)[0]
 
 
-def test_time_budget_picks_the_step_count_and_stops_in_time(tmp_path, data, monkeypatch):
-    monkeypatch.setattr(loop, "END_RESERVE_S", 1.0)
-    result, lines = quiet(config(tmp_path, data, max_steps=None, time_budget=0.08, samples=0, eval_every=50))
-    assert any(line.startswith("time budget 0.08 min") for line in lines)
-    assert result.summary.steps >= 1
-    assert result.summary.wall_seconds < 0.08 * 60 + 5
+def test_time_budget_sizes_the_run(tmp_path, data):
+    result, lines = quiet(config(tmp_path, data, max_steps=None, time_budget=0.3, samples=0, eval_every=50))
+    plan = next(line for line in lines if line.startswith("time budget 0.3 min"))
+    planned = int(plan.split("-> ")[1].split()[0])
+    assert 1 <= result.summary.steps <= planned or any("instead of" in line for line in lines)
+
+
+class Clock:
+    """A clock that reads what the test sets."""
+
+    def __init__(self, now: float = 0.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_time_budget_arithmetic():
+    clock = Clock(10.0)
+    budget = TimeBudget(minutes=10, started=0.0, clock=clock)  # deadline at 600 s, 10 s gone already
+    # 2 s per step, 30 s per evaluation every 100 steps: the end reserve (20 s) and one evaluation are kept free
+    assert budget.plan(step_s=2.0, eval_s=30.0, eval_every=100) == int((600 - 50 - 10) / 2.3)
+    budget.start(step=0)
+    clock.now = 10.0 + 10 * 4.0  # the first 10 steps took 4 s each: twice the probe's pace
+    steps = budget.replan(step=10, max_steps=234, warmup=5, last_step_s=4.0)
+    assert steps == 10 + int((600 - 50 * 2 - 50) / 4.0)  # the end costs twice as much too
+    assert budget.replan(step=11, max_steps=234, warmup=5, last_step_s=4.0) is None  # only every 10 steps
+    assert budget.replan(step=10, max_steps=234, warmup=12, last_step_s=4.0) is None  # not during the warm-up
+    assert budget.replan(step=120, max_steps=234, warmup=5, last_step_s=4.0) is None  # nor past half the run
+    clock.now = 10.0 + 10 * 2.3  # at the planned pace (evaluations included) nothing changes
+    assert budget.replan(step=10, max_steps=234, warmup=5, last_step_s=2.0) is None
+    clock.now = 600 - 50 - 2.5  # the end (50 s) and one more step (2 s) still fit ...
+    assert not budget.out_of_time(last_step_s=2.0)
+    assert budget.out_of_time(last_step_s=3.0)  # ... a slower step does not, and the slower end neither
 
 
 def test_a_new_run_refuses_an_occupied_directory(finished, data):
@@ -154,7 +184,7 @@ def test_resume_refuses_another_tokenizer(tmp_path, finished, data):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data, monkeypatch):
-    real = loop.compute_losses
+    real = step_module.compute_losses
     calls = []
 
     def poisoned(*args, **kwargs):
@@ -164,7 +194,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data, monke
             losses.total = losses.total * float("nan")
         return losses
 
-    monkeypatch.setattr(loop, "compute_losses", poisoned)
+    monkeypatch.setattr(step_module, "compute_losses", poisoned)
     cfg = config(tmp_path, data, eval_every=100)
     with pytest.raises(TrainingDiverged, match=r"the loss became nan at step 7; .*step-00000005"):
         train(cfg, log=lambda _: None, progress=False)

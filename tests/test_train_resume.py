@@ -35,10 +35,9 @@ def finish(proc: subprocess.Popen) -> str:
 
 
 def steps_logged(out: str) -> int:
-    try:
-        return sum(1 for r in read_metrics(out, strict=False) if "loss" in r)
-    except Exception:  # not there yet
+    if not os.path.isfile(os.path.join(out, "metrics.jsonl")):  # the run has not started logging yet
         return 0
+    return sum(1 for r in read_metrics(out, strict=False) if "loss" in r)
 
 
 def kill_after(proc: subprocess.Popen, out: str, at_least: int, extra_s: float) -> None:
