@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from dsv3 import DeepSeekV3, load_pretrained, preset, save_pretrained
@@ -169,11 +170,18 @@ def test_fp8_checkpoint_loads_back_within_rounding_and_converts_to_bf16(tmp_path
     assert index["weight_map"]["model.embed_tokens.weight"] and "model.layers.1.mlp.gate.weight_scale_inv" not in index[
         "weight_map"]  # fmt: skip
 
+    with safe_open(tmp_path / "fp8" / index["weight_map"]["model.embed_tokens.weight"], "pt") as f:
+        assert f.get_slice("model.embed_tokens.weight").get_dtype() == "BF16"  # the release keeps the rest bf16
+    bias = "model.layers.1.mlp.gate.e_score_correction_bias"
+    with safe_open(tmp_path / "fp8" / index["weight_map"][bias], "pt") as f:
+        assert f.get_slice(bias).get_dtype() == "F32"  # ... and the router bias fp32
     loaded = load_pretrained(tmp_path / "fp8", torch.float32)
     for key, ref in model.state_dict().items():
         got = loaded.state_dict()[key]
         assert (got - ref).abs().max() <= ref.abs().max() * 2**-4 + 1e-6, key
-    assert torch.equal(loaded.layers[1].ffn.gate.weight, model.layers[1].ffn.gate.weight)  # router stays exact
+    router = model.layers[1].ffn.gate
+    assert torch.equal(loaded.layers[1].ffn.gate.weight, router.weight.bfloat16().float())  # bf16, not FP8
+    assert torch.equal(loaded.layers[1].ffn.gate.bias, router.bias)
 
     convert_checkpoint(str(tmp_path / "fp8"), str(tmp_path / "bf16"), dtype="bf16")
     bf16 = load_pretrained(tmp_path / "bf16")
@@ -181,6 +189,56 @@ def test_fp8_checkpoint_loads_back_within_rounding_and_converts_to_bf16(tmp_path
     assert "quantization_config" not in json.loads((tmp_path / "bf16" / "config.json").read_text())
     ids = torch.randint(0, 512, (1, 16))
     assert torch.allclose(bf16.float()(ids), loaded(ids), atol=0.05 * loaded(ids).abs().max().item())
+
+
+def _deepseek_fp8_to_bf16(src, dst):
+    """DeepSeek's published conversion (inference/fp8_cast_bf16.py), redone from its description: read the
+    weight map from model.safetensors.index.json (the script opens it unconditionally), walk every
+    *.safetensors file, multiply each one-byte weight by its `_scale_inv` (looked up through the weight map,
+    possibly in another file) block by block, keep every other tensor, and write the files and an index
+    without the scales. The script leaves config.json alone; its users drop quantization_config by hand."""
+    weight_map = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
+    files: dict[str, dict] = {}
+
+    def tensor(name):
+        file = weight_map[name]
+        if file not in files:
+            files[file] = load_file(src / file)
+        return files[file][name]
+
+    dst.mkdir()
+    for path in sorted(src.glob("*.safetensors")):
+        out = {}
+        for name, t in load_file(path).items():
+            if name.endswith("_scale_inv"):
+                continue
+            if t.element_size() == 1:
+                s = tensor(name + "_scale_inv")
+                blocks = s.repeat_interleave(128, 0)[: t.shape[0]].repeat_interleave(128, 1)[:, : t.shape[1]]
+                t = (t.float() * blocks).to(torch.bfloat16)
+            out[name] = t
+        save_file(out, dst / path.name)
+    kept = {k: v for k, v in weight_map.items() if not k.endswith("_scale_inv")}
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": kept}))
+    config = json.loads((src / "config.json").read_text())
+    del config["quantization_config"]
+    (dst / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("shard_size", ["5GB", "150KB"])
+@torch.no_grad()
+def test_fp8_checkpoints_convert_with_deepseeks_procedure(tmp_path, shard_size):
+    model = _tiny_model(hidden_size=160, moe_intermediate_size=136)  # partial 128-blocks
+    save_pretrained(model, tmp_path / "fp8", fp8=True, max_shard_size=shard_size)
+    convert_checkpoint(str(tmp_path / "fp8"), str(tmp_path / "fp8-again"), dtype="fp8")
+    for directory in ("fp8", "fp8-again"):
+        index = json.loads((tmp_path / directory / "model.safetensors.index.json").read_text())
+        assert set(index["weight_map"].values()) == {p.name for p in (tmp_path / directory).glob("*.safetensors")}
+        _deepseek_fp8_to_bf16(tmp_path / directory, tmp_path / f"{directory}-bf16")
+        official = load_pretrained(tmp_path / f"{directory}-bf16")
+        ours = load_pretrained(tmp_path / directory, torch.bfloat16)
+        for key, value in ours.state_dict().items():
+            assert torch.equal(official.state_dict()[key], value), key
 
 
 # ----- bad input -------------------------------------------------------------------------------------------------

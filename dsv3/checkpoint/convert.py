@@ -59,7 +59,7 @@ def convert_checkpoint(
         shards = [[k for k in reader.keys_in(f) if not k.endswith(SCALE_SUFFIX)] for f in reader.files()]
     else:
         shards = plan_shards([(k, planned_bytes(k)) for k in keys], max_shard_size)
-    weight_map = write_shards(dst, [s for s in shards if s], materialize)
+    weight_map = write_shards(dst, [s for s in shards if s], materialize, always_index=fp8)
     write_config(dst, cfg, target, fp8)
     for name in SIDECARS:
         if os.path.exists(os.path.join(src, name)):

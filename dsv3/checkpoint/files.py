@@ -168,12 +168,13 @@ def plan_shards(planned: list[tuple[str, int]], max_shard_size: int | str) -> li
     return shards
 
 
-def write_shards(directory: str, shards: list[list[str]], materialize) -> dict[str, str]:
+def write_shards(directory: str, shards: list[list[str]], materialize, *, always_index: bool = False) -> dict[str, str]:
     """Write one safetensors file per group of names; materialize(names) -> {name: tensor} is called once per
     shard (it may add tensors, e.g. FP8 scales), so only one shard of new tensors is alive at a time.
 
-    Writes the index when there is more than one shard, removes shard files of an earlier save that are not
-    part of this one, and returns the weight map.
+    Writes the index when there is more than one shard, or always with `always_index` (DeepSeek's
+    fp8_cast_bf16.py reads an FP8 checkpoint through its index, even a checkpoint of one file); removes shard
+    files of an earlier save that are not part of this one, and returns the weight map.
     """
     n = len(shards)
     file_names = [SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
@@ -187,7 +188,7 @@ def write_shards(directory: str, shards: list[list[str]], materialize) -> dict[s
         total += sum(t.numel() * t.element_size() for t in tensors.values())
         del tensors
     index_path = os.path.join(directory, INDEX)
-    if n > 1:
+    if n > 1 or always_index:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         atomic_write_text(index_path, json.dumps(index, indent=2))
     elif os.path.exists(index_path):

@@ -166,14 +166,17 @@ def save_pretrained(
     """Write `model` as a Hugging Face checkpoint that transformers' AutoModelForCausalLM loads.
 
     One tensor per expert, MTP module k as layer num_hidden_layers + k - 1 (with the release's copies of the
-    embedding and head), sharded with an index above `max_shard_size`. With fp8, the tensors the release
-    quantises are written as float8_e4m3fn with 128x128 block scales and config.json gets the release's
-    quantization_config. Every file is written under a temporary name and renamed.
+    embedding and head), sharded with an index above `max_shard_size`. With fp8, the release's layout: the
+    tensors it quantises as float8_e4m3fn with 128x128 block scales, the rest in bf16 (unless `dtype` says
+    otherwise), the router bias in fp32, an index even for one file, and the release's quantization_config
+    in config.json. Every file is written under a temporary name and renamed.
     """
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     if isinstance(dtype, str):
         dtype = DTYPES[dtype]
+    if fp8 and dtype is None:
+        dtype = torch.bfloat16
     tensors = dict(hf_state(model))
 
     def final_dtype(name: str, t: torch.Tensor) -> torch.dtype:
@@ -196,7 +199,7 @@ def save_pretrained(
                 out[name] = t.detach().to("cpu", final_dtype(name, t)).clone()
         return out
 
-    write_shards(path, plan_shards(planned, max_shard_size), materialize)
+    write_shards(path, plan_shards(planned, max_shard_size), materialize, always_index=fp8)
     weight_dtype = dtype or model.embed.weight.dtype
     write_config(path, model.config, weight_dtype, fp8)
 
