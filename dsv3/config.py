@@ -20,6 +20,11 @@ from typing import Any
 from dsv3.errors import ConfigError
 
 SCORING_FUNCS = ("sigmoid", "softmax")
+_POSITIVE_INTS = (
+    "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+    "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "n_routed_experts",
+    "num_experts_per_tok", "n_group", "topk_group", "max_position_embeddings",
+)
 # noaux_tc: DeepSeek-V3's sigmoid router with the selection-only bias, groups scored by their top-2 sum.
 # greedy: plain top-k over all experts.  group_limited_greedy: DeepSeek-V2's groups scored by their max.
 TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
@@ -144,68 +149,59 @@ class ModelConfig:
     # ----- validation --------------------------------------------------------------------------
     def validate(self) -> None:
         """Raise ConfigError naming the first field whose value is invalid or contradicts another."""
+        self._validate_sizes()
+        self._validate_routing()
+        self._validate_rope()
+        self._validate_unsupported()
 
-        def bad(name: str, why: str) -> ConfigError:
-            return ConfigError(f"config field {name}={getattr(self, name)!r} {why}")
+    def _bad(self, name: str, why: str) -> ConfigError:
+        return ConfigError(f"config field {name}={getattr(self, name)!r} {why}")
 
-        positive = [
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "moe_intermediate_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "kv_lora_rank",
-            "qk_nope_head_dim",
-            "qk_rope_head_dim",
-            "v_head_dim",
-            "n_routed_experts",
-            "num_experts_per_tok",
-            "n_group",
-            "topk_group",
-            "max_position_embeddings",
-        ]
-        for name in positive:
+    def _validate_sizes(self) -> None:
+        for name in _POSITIVE_INTS:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise bad(name, "must be a positive integer")
+                raise self._bad(name, "must be a positive integer")
         for name in ("first_k_dense_replace", "n_shared_experts", "num_nextn_predict_layers"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise bad(name, "must be a non-negative integer")
-        if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int) or self.q_lora_rank <= 0):
-            raise bad("q_lora_rank", "must be a positive integer, or null for uncompressed queries")
+                raise self._bad(name, "must be a non-negative integer")
+        q = self.q_lora_rank
+        if q is not None and (isinstance(q, bool) or not isinstance(q, int) or q <= 0):
+            raise self._bad("q_lora_rank", "must be a positive integer, or null for uncompressed queries")
         if self.qk_rope_head_dim % 2:
-            raise bad("qk_rope_head_dim", "must be even: RoPE rotates pairs of dimensions")
+            raise self._bad("qk_rope_head_dim", "must be even: RoPE rotates pairs of dimensions")
         if self.first_k_dense_replace > self.num_hidden_layers:
-            raise bad("first_k_dense_replace", f"exceeds num_hidden_layers={self.num_hidden_layers}")
+            raise self._bad("first_k_dense_replace", f"exceeds num_hidden_layers={self.num_hidden_layers}")
+        for name, low in (("rms_norm_eps", 0), ("routed_scaling_factor", 0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > low:
+                raise self._bad(name, "must be a positive number")
+
+    def _validate_routing(self) -> None:
         if self.scoring_func not in SCORING_FUNCS:
-            raise bad("scoring_func", f"is not one of {', '.join(SCORING_FUNCS)}")
+            raise self._bad("scoring_func", f"is not one of {', '.join(SCORING_FUNCS)}")
         if self.topk_method not in TOPK_METHODS:
-            raise bad("topk_method", f"is not one of {', '.join(TOPK_METHODS)}")
+            raise self._bad("topk_method", f"is not one of {', '.join(TOPK_METHODS)}")
         if self.n_routed_experts % self.n_group:
-            raise bad("n_routed_experts", f"must be divisible by n_group={self.n_group}")
+            raise self._bad("n_routed_experts", f"must be divisible by n_group={self.n_group}")
         if self.topk_group > self.n_group:
-            raise bad("topk_group", f"exceeds n_group={self.n_group}")
+            raise self._bad("topk_group", f"exceeds n_group={self.n_group}")
         if self.num_experts_per_tok > self.n_routed_experts:
-            raise bad("num_experts_per_tok", f"exceeds n_routed_experts={self.n_routed_experts}")
+            raise self._bad("num_experts_per_tok", f"exceeds n_routed_experts={self.n_routed_experts}")
         per_group = self.n_routed_experts // self.n_group
         if self.topk_method != "greedy" and self.num_experts_per_tok > self.topk_group * per_group:
-            raise bad(
-                "num_experts_per_tok",
-                f"exceeds the {self.topk_group * per_group} experts in the topk_group={self.topk_group} "
-                f"groups it may choose from",
-            )
+            raise self._bad("num_experts_per_tok", f"exceeds the {self.topk_group * per_group} experts in the "
+                            f"topk_group={self.topk_group} groups it may choose from")
         if self.topk_method == "noaux_tc" and self.n_group > 1 and per_group < 2:
-            raise bad("n_group", "leaves fewer than 2 experts per group; noaux_tc scores a group by its top 2")
-        if not isinstance(self.rms_norm_eps, (int, float)) or self.rms_norm_eps <= 0:
-            raise bad("rms_norm_eps", "must be a positive number")
-        if not isinstance(self.rope_theta, (int, float)) or self.rope_theta <= 1:
-            raise bad("rope_theta", "must be a number greater than 1")
-        if not isinstance(self.routed_scaling_factor, (int, float)) or self.routed_scaling_factor <= 0:
-            raise bad("routed_scaling_factor", "must be a positive number")
+            raise self._bad("n_group", "leaves fewer than 2 experts per group; noaux_tc scores a group by its top 2")
+
+    def _validate_rope(self) -> None:
+        theta = self.rope_theta
+        if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 1:
+            raise self._bad("rope_theta", "must be a number greater than 1")
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
-            raise bad("rope_scaling", "must be a mapping or null")
+            raise self._bad("rope_scaling", "must be a mapping or null")
         if self.rope_type not in ("default", "yarn"):
             raise ConfigError(f"config field rope_scaling has rope type {self.rope_type!r}; only yarn is supported")
         if self.rope_type == "yarn":
@@ -214,7 +210,9 @@ class ModelConfig:
                 raise ConfigError(f"config field rope_scaling.factor={y['factor']} must be at least 1")
             if y["original_max_position_embeddings"] <= 0:
                 raise ConfigError("config field rope_scaling.original_max_position_embeddings must be positive")
-        # fields we keep in `extra` but whose other values the model cannot honour
+
+    def _validate_unsupported(self) -> None:
+        """Fields kept in `extra` whose other values the model cannot honour."""
         if self.extra.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"config field hidden_act={self.extra['hidden_act']!r} is not supported; use silu")
         if self.extra.get("rope_interleave", True) is not True:
@@ -225,7 +223,7 @@ class ModelConfig:
             if self.extra.get(name):
                 raise ConfigError(f"config field {name}=true is not supported: DeepSeek models have no biases")
         if self.tie_word_embeddings:
-            raise bad("tie_word_embeddings", "is not supported: DeepSeek models keep a separate output head")
+            raise self._bad("tie_word_embeddings", "is not supported: DeepSeek models keep a separate output head")
 
     # ----- Hugging Face config.json ------------------------------------------------------------
     @classmethod

@@ -279,9 +279,26 @@ def plan_training(
     precision.check()
     layout.check(cfg)
     _check_utilization(memory_utilization)
-    dp, ep, pp, zero = layout.dp, layout.ep, layout.pp, layout.zero
-    tokens = layout.micro_batch * layout.seq_len
-    L, D = cfg.num_hidden_layers, cfg.num_nextn_predict_layers
+    L, D, pp = cfg.num_hidden_layers, cfg.num_nextn_predict_layers, layout.pp
+    layers = _by_layer(inventory(cfg))
+    stages = []
+    for s, blocks in enumerate(_split_blocks(L, pp)):
+        last = s == pp - 1
+        block_ids = list(blocks) + ([cfg.mtp_layer_index(k) for k in range(1, D + 1)] if last else [])
+        groups = [layers[i] for i in block_ids]
+        # the embedding on the first stage, the final norm and the head on the last
+        ends = [w for w in layers[None] if (s == 0 if w.group == "embedding" else last)]
+        states = _stage_states(groups, ends, layout, precision)
+        activations = _stage_activations(cfg, block_ids, layout, in_flight=pp - s, logits=last)
+        stages.append(StageMemory(s, tuple(block_ids), *states, *activations))
+    return TrainPlan(gpu, layout, precision, memory_utilization, tuple(stages))
+
+
+def _stage_states(groups: list[list[Entry]], ends: list[Entry], layout: Layout,
+                  precision: TrainPrecision) -> tuple[float, float, float, float]:
+    """(master weights, gradients, optimizer state, working copies) in bytes per GPU of one stage holding the
+    blocks `groups` and the tensors `ends`."""
+    dp, ep, zero = layout.dp, layout.ep, layout.zero
 
     def per_gpu(weights: list[Entry], sharded: bool, bytes_of) -> float:
         """Bytes on one GPU: experts split ep ways; when sharded, the rest over dp and experts over dp / ep."""
@@ -300,36 +317,31 @@ def plan_training(
     def compute(w: Entry) -> float:
         return w.nbytes(precision.compute)
 
-    layers = _by_layer(inventory(cfg))
-    stages = []
-    for s, blocks in enumerate(_split_blocks(L, pp)):
-        block_ids = list(blocks) + ([cfg.mtp_layer_index(k) for k in range(1, D + 1)] if s == pp - 1 else [])
-        groups = [layers[i] for i in block_ids]
-        weights = [w for g in groups for w in g]
-        if s == 0:  # the embedding on the first stage, the final norm and the head on the last
-            weights += [w for w in layers[None] if w.group == "embedding"]
-        if s == pp - 1:
-            weights += [w for w in layers[None] if w.group != "embedding"]
+    weights = [w for g in groups for w in g] + ends
+    master = per_gpu(weights, zero >= 3, plain(precision.master))
+    grads = per_gpu(weights, zero >= 2, plain(precision.grads))
+    optimizer = 2 * per_gpu(weights, zero >= 1, plain(precision.moments))
+    largest = max(groups, key=lambda g: per_gpu(g, False, compute))
+    if zero >= 3:  # the block being computed and the one being prefetched, gathered
+        working = 2 * per_gpu(largest, False, compute)
+    elif precision.compute != precision.master:  # a cast copy of the whole stage
+        working = per_gpu(weights, False, compute)
+    else:
+        working = 0.0
+    if zero >= 2:  # one block's gradients, whole until they are reduce-scattered
+        working += per_gpu(largest, False, plain(precision.grads))
+    return master, grads, optimizer, working
 
-        master = per_gpu(weights, zero >= 3, plain(precision.master))
-        grads = per_gpu(weights, zero >= 2, plain(precision.grads))
-        optimizer = 2 * per_gpu(weights, zero >= 1, plain(precision.moments))
-        largest = max(groups, key=lambda g: per_gpu(g, False, compute))
-        if zero >= 3:  # the block being computed and the one being prefetched, gathered
-            working = 2 * per_gpu(largest, False, compute)
-        elif precision.compute != precision.master:  # a cast copy of the whole stage
-            working = per_gpu(weights, False, compute)
-        else:
-            working = 0.0
-        if zero >= 2:  # one block's gradients, whole until they are reduce-scattered
-            working += per_gpu(largest, False, plain(precision.grads))
 
-        in_flight = pp - s  # 1F1B: stage s holds the activations of pp - s micro-batches
-        numbers = [block_activation_numbers(cfg, i) for i in block_ids]
-        full = 2.0 * tokens * sum(numbers) * in_flight
-        kept = 2.0 * tokens * cfg.hidden_size * len(numbers) * in_flight + 2.0 * tokens * max(numbers)
-        if s == pp - 1:  # fp32 logits of the main head and every MTP head, for the cross-entropy
-            logits = 4.0 * tokens * cfg.vocab_size * (1 + D)
-            full, kept = full + logits, kept + logits
-        stages.append(StageMemory(s, tuple(block_ids), master, grads, optimizer, working, full, kept))
-    return TrainPlan(gpu, layout, precision, memory_utilization, tuple(stages))
+def _stage_activations(cfg: ModelConfig, block_ids: list[int], layout: Layout, in_flight: int,
+                       logits: bool) -> tuple[float, float]:
+    """(without recomputation, with full recomputation) activation bytes of one stage: 1F1B keeps `in_flight`
+    micro-batches (pp - s on stage s), plus the fp32 logits of every head on the last stage."""
+    tokens = layout.micro_batch * layout.seq_len
+    numbers = [block_activation_numbers(cfg, i) for i in block_ids]
+    full = 2.0 * tokens * sum(numbers) * in_flight
+    kept = 2.0 * tokens * cfg.hidden_size * len(numbers) * in_flight + 2.0 * tokens * max(numbers)
+    if logits:  # the main head and every MTP head, for the cross-entropy
+        head = 4.0 * tokens * cfg.vocab_size * (1 + cfg.num_nextn_predict_layers)
+        full, kept = full + head, kept + head
+    return full, kept

@@ -270,11 +270,22 @@ def test_generate_from_a_model_directory_with_speculation(capsys):
 
 
 def test_chat_streams_answers_over_several_turns(monkeypatch, capsys):
-    _, _, directory = trained_tiny()
-    monkeypatch.setattr(sys, "stdin", io.StringIO("the latent cache\n/reset\nmulti token\n"))
-    assert main(["chat", "--model", directory, "--max-new-tokens", "8", "--temperature", "0"]) == 0
+    model, tok, directory = trained_tiny()
+    monkeypatch.setattr(sys, "stdin", io.StringIO("the latent cache\nmulti token\n/reset\nmulti token\n"))
+    assert main(["chat", "--model", directory, "--max-new-tokens", "8", "--temperature", "0",
+                 "--cache-dtype", "fp32", "--dtype", "fp32"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 2 and all(line.strip() for line in lines)
+    engine = Engine(model, tok, cache_dtype="fp32")
+    params = SamplingParams(max_new_tokens=8, stop_token_ids=(tok.eos_id,))
+
+    def answer(*turns):
+        messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
+        return engine.generate([tok.encode(deepseek_v3_format(messages))], params)[0].text
+
+    first = answer("the latent cache")
+    # the second turn continues the conversation so far; after /reset the same question starts afresh
+    expected = [first, answer("the latent cache", first, "multi token"), answer("multi token")]
+    assert lines == expected and all(line.strip() for line in lines) and expected[1] != expected[2]
 
 
 def test_cli_errors_are_one_line(capsys, tmp_path):

@@ -15,7 +15,7 @@ import threading
 import time
 
 import pytest
-from infer_models import one_thread, top2_gap, trained_tiny
+from infer_models import assert_same_or_near_tie, one_thread, trained_tiny
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -155,11 +155,8 @@ def test_concurrent_streaming_clients_each_get_what_they_get_alone(server, clien
     batched_steps = engine.stats.decode_steps - steps_before
     assert batched_steps < 16 * 32 / 3  # requests really shared decode steps
     for prompt, solo, got in zip(prompts, alone, together):
-        if got != solo:
-            ids = tok.encode(prompt, bos=True)
-            solo_ids = tok.encode(solo)
-            gaps = [top2_gap(model, ids + solo_ids[:i]) for i in range(len(solo_ids))]
-            assert min(gaps) < 1e-3, f"{prompt!r}: {got!r} != {solo!r} with no near-tie (min gap {min(gaps)})"
+        # only a near-tie where the two answers first part may excuse a difference
+        assert_same_or_near_tie(model, tok.encode(prompt, bos=True), tok.encode(solo), tok.encode(got))
     wait_idle(port)
 
 

@@ -22,13 +22,13 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def _mtp_layers_present(reader: CheckpointReader, cfg: ModelConfig) -> set[int]:
-    L = cfg.num_hidden_layers
+    """The MTP modules (1-based) the checkpoint holds tensors of."""
+    layers = {cfg.mtp_layer_index(k): k for k in range(1, cfg.num_nextn_predict_layers + 1)}
     present = set()
     for key in reader.keys():
-        if key.startswith("model.layers."):
-            i = int(key.split(".")[2])
-            if L <= i < L + cfg.num_nextn_predict_layers:
-                present.add(i - L)
+        parts = key.split(".")
+        if key.startswith("model.layers.") and parts[2].isdigit() and int(parts[2]) in layers:
+            present.add(layers[int(parts[2])])
     return present
 
 
@@ -74,51 +74,61 @@ def load_pretrained(
     if isinstance(dtype, str):
         dtype = DTYPES[dtype]
     if dtype is None:
-        emb = (
-            reader.get(names.ours_to_hf("embed.weight", cfg.num_hidden_layers))
-            if "model.embed_tokens.weight" in reader
-            else None
-        )
-        dtype = emb.dtype if emb is not None and emb.dtype in DTYPES.values() else torch.bfloat16
-
+        dtype = _checkpoint_dtype(reader)
     with torch.device("meta"):
         model = DeepSeekV3(cfg, attn_impl=attn_impl, experts_impl=experts_impl)
     model = model.to(dtype).to_empty(device=device)
     state = model.state_dict(keep_vars=True)
-    filled: set[tuple[str, int | None]] = set()
-    L, D = cfg.num_hidden_layers, cfg.num_nextn_predict_layers
-
-    unexpected = []
     with torch.no_grad():
-        for key in reader.keys():
-            if key.endswith(SCALE_SUFFIX) or key.endswith(_IGNORED_SUFFIXES):
-                continue
-            target = names.hf_to_ours(key, L, D)
-            if target is None or target.key not in state:
-                if 0 not in reader.shape(key):  # transformers writes empty shared experts when there are none
-                    unexpected.append(key)
-                continue
-            if target.copy_of_shared:
-                continue  # MTP's copies of the embedding and head: the model shares the originals
-            param = state[target.key]
-            dest = param if target.expert is None else param[target.expert] if target.expert < param.shape[0] else None
-            if dest is None:
+        filled = _fill(reader, state, cfg, path)
+    _check_complete(state, filled, cfg, path)
+    return model
+
+
+def _checkpoint_dtype(reader: CheckpointReader) -> torch.dtype:
+    """The dtype the checkpoint keeps its embedding in (bf16 when that is not a float dtype we load into)."""
+    if "model.embed_tokens.weight" not in reader:
+        return torch.bfloat16
+    emb = reader.get("model.embed_tokens.weight")
+    return emb.dtype if emb.dtype in DTYPES.values() else torch.bfloat16
+
+
+def _fill(reader: CheckpointReader, state: dict[str, torch.Tensor], cfg: ModelConfig, path) -> set:
+    """Copy every checkpoint tensor into its place in `state`; returns the (key, expert) pairs filled. A tensor
+    with no place in this model, or of the wrong shape, is an error that names it."""
+    filled: set[tuple[str, int | None]] = set()
+    unexpected = []
+    for key in reader.keys():
+        if key.endswith(SCALE_SUFFIX) or key.endswith(_IGNORED_SUFFIXES):
+            continue
+        target = names.hf_to_ours(key, cfg.num_hidden_layers, cfg.num_nextn_predict_layers)
+        if target is None or target.key not in state:
+            if 0 not in reader.shape(key):  # transformers writes empty shared experts when there are none
                 unexpected.append(key)
-                continue
-            t = read_tensor(reader, key, param.dtype)
-            if tuple(t.shape) != tuple(dest.shape):
-                raise CheckpointError(
-                    f"tensor {key} has shape {tuple(t.shape)} but config.json implies {tuple(dest.shape)}; "
-                    "the checkpoint and its config do not match"
-                )
-            dest.copy_(t)
-            filled.add((target.key, target.expert))
+            continue
+        if target.copy_of_shared:
+            continue  # MTP's copies of the embedding and head: the model shares the originals
+        param = state[target.key]
+        dest = param if target.expert is None else param[target.expert] if target.expert < param.shape[0] else None
+        if dest is None:
+            unexpected.append(key)
+            continue
+        t = read_tensor(reader, key, param.dtype)
+        if tuple(t.shape) != tuple(dest.shape):
+            raise CheckpointError(f"tensor {key} has shape {tuple(t.shape)} but config.json implies "
+                                  f"{tuple(dest.shape)}; the checkpoint and its config do not match")
+        dest.copy_(t)
+        filled.add((target.key, target.expert))
     if unexpected:
         more = f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""
         raise CheckpointError(
             f"unexpected tensor {unexpected[0]}{more} in {path}: it has no place in a model with this config.json"
         )
+    return filled
 
+
+def _check_complete(state: dict[str, torch.Tensor], filled: set, cfg: ModelConfig, path) -> None:
+    L = cfg.num_hidden_layers
     missing = []
     for key in state:
         expert_names = names.expert_names(key, L, cfg.n_routed_experts)
@@ -129,7 +139,6 @@ def load_pretrained(
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise CheckpointError(f"tensor {missing[0]}{more} missing from {path}; the checkpoint is incomplete")
-    return model
 
 
 def hf_state(model: DeepSeekV3, *, mtp_copies: bool = True):
@@ -149,9 +158,9 @@ def hf_state(model: DeepSeekV3, *, mtp_copies: bool = True):
                 raise RuntimeError(f"no Hugging Face name for {key}")  # a gap in the name table, not user input
             out.append((hf, value))
     if mtp_copies:
-        for k in range(cfg.num_nextn_predict_layers):
+        for k in range(1, cfg.num_nextn_predict_layers + 1):
             for suffix, ours in names.MTP_COPIES.items():
-                out.append((f"model.layers.{L + k}.{suffix}", state[ours]))
+                out.append((f"model.layers.{cfg.mtp_layer_index(k)}.{suffix}", state[ours]))
     return out
 
 

@@ -19,7 +19,14 @@ S = argparse.SUPPRESS  # a flag left out sets nothing, so defaults come from Tra
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = TrainConfig()
-    model = parser.add_argument_group("model and data")
+    _model_and_data(parser.add_argument_group("model and data"), d)
+    _length_and_precision(parser.add_argument_group("length, batch and precision"), d)
+    _optimizer(parser.add_argument_group("optimizer (AdamW 0.9/0.95, DeepSeek-V3's schedule shape)"), d)
+    _balance(parser.add_argument_group("load balancing and multi-token prediction"), d)
+    _outputs(parser.add_argument_group("logging, evaluation and checkpoints"), d)
+
+
+def _model_and_data(model, d: TrainConfig) -> None:
     which = model.add_mutually_exclusive_group()
     which.add_argument("--preset", choices=list(PRESETS), default=S, help=f"a named model (default: {d.preset})")
     which.add_argument("--config", dest="model_config", metavar="CONFIG_JSON", default=S,
@@ -41,7 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--overwrite", action="store_true", default=S,
                        help="delete the run already in --out and start over")
 
-    run = parser.add_argument_group("length, batch and precision")
+
+def _length_and_precision(run, d: TrainConfig) -> None:
     run.add_argument("--max-steps", type=int, metavar="N", default=S,
                      help="optimizer steps (default: as many as fit --time-budget)")
     run.add_argument("--time-budget", type=float, metavar="MIN", default=S,
@@ -58,14 +66,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--seed", type=int, default=S,
                      help=f"seed of the initialisation and the data order (default: {d.seed})")
 
-    opt = parser.add_argument_group("optimizer (AdamW 0.9/0.95, DeepSeek-V3's schedule shape)")
+
+def _optimizer(opt, d: TrainConfig) -> None:
     opt.add_argument("--lr", type=float, default=S, help=f"peak learning rate (default: {d.lr:g})")
     opt.add_argument("--warmup", type=float, metavar="FRAC", default=S,
                      help=f"fraction of the steps spent warming up (default: {d.warmup:g})")
     opt.add_argument("--weight-decay", type=float, default=S, help=f"on matrices (default: {d.weight_decay:g})")
     opt.add_argument("--grad-clip", type=float, default=S, help=f"gradient norm limit (default: {d.grad_clip:g})")
 
-    bal = parser.add_argument_group("load balancing and multi-token prediction")
+
+def _balance(bal, d: TrainConfig) -> None:
     bal.add_argument("--balance", choices=BALANCE_MODES, default=S,
                      help="aux-free: DeepSeek-V3's bias update + sequence-wise loss; aux-loss: the classic auxiliary "
                           f"loss instead; none (default: {d.balance})")
@@ -83,7 +93,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help=f"MTP loss weight for the first {d.mtp_switch * 100:.0f}%% of the steps "
                           f"(default: {d.mtp_lambda:g}; then {d.mtp_lambda_late:g})")
 
-    out = parser.add_argument_group("logging, evaluation and checkpoints")
+
+def _outputs(out, d: TrainConfig) -> None:
     out.add_argument("--log-every", type=int, metavar="N", default=S,
                      help=f"steps per log line (default: {d.log_every})")
     out.add_argument("--eval-every", type=int, metavar="N", default=S,

@@ -68,16 +68,11 @@ def prepare(
     if files is not None:  # a source folder that holds `out` must not read the shards back in
         files = [f for f in files if not _inside(f, out)]
     given = Tokenizer.from_file(tokenizer) if tokenizer is not None else None
-    settings = {
-        "tokenizer": given.sha256() if given else None,
-        "vocab_size": None if given else vocab_size,
-        "text_field": text_field,
-        "val_fraction": val_fraction,
-        "audit": audit,
-    }
+    settings = {"tokenizer": given.sha256() if given else None, "vocab_size": None if given else vocab_size,
+                "text_field": text_field, "val_fraction": val_fraction, "audit": audit}
+    # what the shards depend on: the format, the settings, and the sources' paths, sizes and times
     identity = builtin.stat_key() if files is None else stat_key(files)
     fingerprint = hashlib.sha256(json.dumps([FORMAT, settings, identity]).encode()).hexdigest()
-
     old = _existing(out)
     if old is not None and old.fingerprint == fingerprint and old.is_complete():
         old.reused = True
@@ -86,55 +81,74 @@ def prepare(
         return old
 
     described = "the built-in corpus" if files is None else _describe(files)
-    os.makedirs(out, exist_ok=True)
-    _remove_leftovers(out)
-    with tempfile.TemporaryDirectory(prefix=TMP_PREFIX, dir=out) as tmp:
-        log(f"reading {described}")
-        docs = builtin.documents() if files is None else read(files, text_field)
-        root = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files]) if files else None
-        spool = _Spool(os.path.join(tmp, "documents.spool"), root)
-        auditing = _Audit(audit)
-        spool.fill(auditing.apply(docs), progress)
-        if spool.documents == 0:
-            if auditing.counts.get("dropped"):
-                raise Dsv3Error("the audit dropped every document, so nothing is left to prepare")
-            raise Dsv3Error(f"the corpus is empty: there is no text in {described}; give files with text in them")
-
-        if given is None:
-            log(f"training a byte-level BPE tokenizer with {vocab_size} tokens on {human(spool.bytes)}B of text")
-            tok = Tokenizer.train(spool.texts(), vocab_size, length=spool.documents)
-        else:
-            tok = given
-        dtype = token_dtype(tok.vocab_size)
-
-        log(f"tokenizing {spool.documents} documents")
-        stream_path = os.path.join(tmp, "stream.bin")
-        with _bar(progress, spool.chars, "tokenizing") as bar:
-            lengths = tokenize(spool.texts(), tok, stream_path, dtype, on_text=bar.update)
-        stream = np.memmap(stream_path, dtype=dtype, mode="r")
-        total = len(stream)
-        splits = plan_split(lengths, np.asarray(spool.keys, dtype=np.uint64), val_fraction)
-        shards = write_shards(stream, splits, tmp, shard_tokens)
-        del stream  # release the map before the folder goes
-        tok.save(tmp)
-        for split in ("train", "val"):
-            del splits[split]["ranges"]  # positions in the stream, which is not kept
-            splits[split]["tokens"] = sum(s["tokens"] for s in shards[split])
-            splits[split]["shards"] = shards[split]
-        info = DatasetInfo(
-            path=out, dtype=dtype.name, vocab_size=tok.vocab_size, eos_id=tok.eos_id, bos_id=tok.bos_id,
-            tokenizer_sha256=tok.sha256(), fingerprint=fingerprint, content_sha256=spool.sha256.hexdigest(),
-            sources=list(sources) or [builtin.NAME], documents=spool.documents, bytes=spool.bytes, tokens=total,
-            splits=splits, settings=settings, audit=auditing.counts,
-            seconds=round(time.perf_counter() - start, 3),
-        )
-        _install(tmp, out, info)
-
-    train, val = (human(splits[s]["tokens"]) for s in ("train", "val"))
+    manifest = dict(sources=list(sources) or [builtin.NAME], settings=settings, fingerprint=fingerprint)
+    info = _build(files, out, described, given, settings, shard_tokens, log, progress, start, manifest)
+    train, val = (human(info.splits[s]["tokens"]) for s in ("train", "val"))
     log(f"prepared {info.documents} documents ({human(info.bytes)}B) from {described} into {out}: "
         f"{human(info.tokens)} tokens (train {train}, val {val}), {info.dtype}, vocabulary {info.vocab_size}, "
         f"{info.seconds:.1f} s")
     return info
+
+
+def _build(files: list[str] | None, out: str, described: str, given: Tokenizer | None, settings: dict,
+           shard_tokens: int, log: Callable[[str], None], progress: bool | None, start: float,
+           manifest: dict) -> DatasetInfo:
+    """Read, tokenize and pack into a temporary folder inside `out`, then move the dataset into place."""
+    vocab_size = settings["vocab_size"]
+    os.makedirs(out, exist_ok=True)
+    _remove_leftovers(out)
+    with tempfile.TemporaryDirectory(prefix=TMP_PREFIX, dir=out) as tmp:
+        log(f"reading {described}")
+        spool, audited = _read(files, settings["text_field"], settings["audit"], tmp, described, progress)
+        if given is None:
+            log(f"training a byte-level BPE tokenizer with {vocab_size} tokens on {human(spool.bytes)}B of text")
+        tok = given or Tokenizer.train(spool.texts(), vocab_size, length=spool.documents)
+        log(f"tokenizing {spool.documents} documents")
+        dtype, total, splits = _pack(spool, tok, tmp, settings["val_fraction"], shard_tokens, progress)
+        info = DatasetInfo(
+            path=out, dtype=dtype.name, vocab_size=tok.vocab_size, eos_id=tok.eos_id, bos_id=tok.bos_id,
+            tokenizer_sha256=tok.sha256(), content_sha256=spool.sha256.hexdigest(), documents=spool.documents,
+            bytes=spool.bytes, tokens=total, splits=splits, audit=audited,
+            seconds=round(time.perf_counter() - start, 3), **manifest,
+        )
+        _install(tmp, out, info)
+    return info
+
+
+def _read(files: list[str] | None, text_field: str, audit: str, tmp: str, described: str,
+          progress: bool | None) -> tuple[_Spool, dict]:
+    """Read (and audit) the documents once into a spool in `tmp`; returns it and what the audit did."""
+    docs = builtin.documents() if files is None else read(files, text_field)
+    root = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files]) if files else None
+    spool = _Spool(os.path.join(tmp, "documents.spool"), root)
+    auditing = _Audit(audit)
+    spool.fill(auditing.apply(docs), progress)
+    if spool.documents == 0:
+        if auditing.counts.get("dropped"):
+            raise Dsv3Error("the audit dropped every document, so nothing is left to prepare")
+        raise Dsv3Error(f"the corpus is empty: there is no text in {described}; give files with text in them")
+    return spool, auditing.counts
+
+
+def _pack(spool: _Spool, tok: Tokenizer, tmp: str, val_fraction: float, shard_tokens: int,
+          progress: bool | None) -> tuple[np.dtype, int, dict]:
+    """Tokenize the spool into one stream, split it by whole documents and write the shards and the tokenizer
+    into `tmp`; returns the token dtype, the token count and the splits' manifest entries."""
+    dtype = token_dtype(tok.vocab_size)
+    stream_path = os.path.join(tmp, "stream.bin")
+    with _bar(progress, spool.chars, "tokenizing") as bar:
+        lengths = tokenize(spool.texts(), tok, stream_path, dtype, on_text=bar.update)
+    stream = np.memmap(stream_path, dtype=dtype, mode="r")
+    total = len(stream)
+    splits = plan_split(lengths, np.asarray(spool.keys, dtype=np.uint64), val_fraction)
+    shards = write_shards(stream, splits, tmp, shard_tokens)
+    del stream  # release the map before the folder goes
+    tok.save(tmp)
+    for split in ("train", "val"):
+        del splits[split]["ranges"]  # positions in the stream, which is not kept
+        splits[split]["tokens"] = sum(s["tokens"] for s in shards[split])
+        splits[split]["shards"] = shards[split]
+    return dtype, total, splits
 
 
 def _existing(out: str) -> DatasetInfo | None:

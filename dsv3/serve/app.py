@@ -43,9 +43,7 @@ class ServerConfig:
 def create_app(engine: Engine, tokenizer, config: ServerConfig, template: ChatTemplate | None = None) -> FastAPI:
     """The FastAPI app serving `engine`; the batching thread runs for the app's lifetime."""
     batcher = Batcher(engine, config.max_queue)
-    template = template or ChatTemplate()
-    stop_ids = (tokenizer.eos_id,) if tokenizer.eos_id is not None else ()
-    created = int(time.time())
+    api = _Api(engine, tokenizer, config, template or ChatTemplate(), batcher)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -55,8 +53,33 @@ def create_app(engine: Engine, tokenizer, config: ServerConfig, template: ChatTe
 
     app = FastAPI(title="dsv3", lifespan=lifespan)
     app.state.batcher = batcher
+    _add_error_handlers(app)
+    _add_auth(app, config)
 
-    # ----- errors in OpenAI's shape ------------------------------------------------------------------
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": config.model_name, "in_flight": batcher.in_flight,
+                "free_slots": len(engine.free_rows), "slots": engine.max_batch}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": api.created,
+                                            "owned_by": "dsv3", "max_model_len": engine.max_len}]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        return await api.completions(body, request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest, request: Request):
+        return await api.chat(body, request)
+
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every failure in OpenAI's error shape."""
+
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
         return JSONResponse(exc.body(), status_code=exc.status)
@@ -75,12 +98,16 @@ def create_app(engine: Engine, tokenizer, config: ServerConfig, template: ChatTe
         if err.get("type") == "missing":
             message = f"missing required parameter '{param}'"
         else:
-            message = f"invalid value for '{param}': {err.get('msg')}" if param else str(err.get("msg"))
+            message = f"invalid value for '{param}': {err.get('msg')}"
         return await api_error(request, APIError(400, message, code="invalid_value", param=param))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
         return await api_error(request, APIError(exc.status_code, str(exc.detail), code=None))
+
+
+def _add_auth(app: FastAPI, config: ServerConfig) -> None:
+    """With an API key, every /v1/ route wants 'Authorization: Bearer KEY' (compared in constant time)."""
 
     @app.middleware("http")
     async def check_api_key(request: Request, call_next):
@@ -92,28 +119,27 @@ def create_app(engine: Engine, tokenizer, config: ServerConfig, template: ChatTe
                 return JSONResponse(err.body(), status_code=401)
         return await call_next(request)
 
-    # ----- routes ------------------------------------------------------------------------------------
-    @app.get("/health")
-    async def health():
-        e = batcher.engine
-        return {"status": "ok", "model": config.model_name, "in_flight": batcher.in_flight,
-                "free_slots": len(e.free_rows), "slots": e.max_batch}
 
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": created,
-                                            "owned_by": "dsv3", "max_model_len": engine.max_len}]}
+class _Api:
+    """The two generation endpoints: requests turned into engine work, answers into OpenAI's shapes."""
 
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
-        prompt = tokenizer.encode(body.prompt, bos=True) if isinstance(body.prompt, str) else list(body.prompt)
-        if not all(0 <= t < engine.model.config.vocab_size for t in prompt):
-            raise APIError(400, f"prompt token ids must lie in [0, {engine.model.config.vocab_size})", param="prompt")
-        handle = submit(body, prompt, body.max_tokens or config.default_max_tokens, "prompt")
+    def __init__(self, engine: Engine, tokenizer, config: ServerConfig, template: ChatTemplate, batcher: Batcher):
+        self.engine, self.tokenizer, self.config, self.template = engine, tokenizer, config, template
+        self.batcher = batcher
+        self.stop_ids = (tokenizer.eos_id,) if tokenizer.eos_id is not None else ()
+        self.created = int(time.time())
+
+    async def completions(self, body: CompletionRequest, request: Request):
+        vocab = self.engine.model.config.vocab_size
+        prompt = self.tokenizer.encode(body.prompt, bos=True) if isinstance(body.prompt, str) else list(body.prompt)
+        if not all(0 <= t < vocab for t in prompt):
+            raise APIError(400, f"prompt token ids must lie in [0, {vocab})", param="prompt")
+        handle = self.submit(body, prompt, body.max_tokens or self.config.default_max_tokens, "prompt")
         rid = "cmpl-" + uuid.uuid4().hex
 
         def chunk(text: str, finish: str | None) -> dict:
-            return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": config.model_name,
+            return {"id": rid, "object": "text_completion", "created": int(time.time()),
+                    "model": self.config.model_name,
                     "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
 
         if body.stream:
@@ -122,50 +148,49 @@ def create_app(engine: Engine, tokenizer, config: ServerConfig, template: ChatTe
         text, last = await collect(handle, request)
         return {**chunk(text, last.finish_reason), "usage": usage(len(prompt), last.n_tokens)}
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatRequest, request: Request):
+    async def chat(self, body: ChatRequest, request: Request):
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         try:
-            text = template.render(messages, add_generation_prompt=True)
+            text = self.template.render(messages, add_generation_prompt=True)
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None
-        prompt = tokenizer.encode(text)
-        max_tokens = body.max_completion_tokens or body.max_tokens or max(engine.max_len - len(prompt), 1)
-        handle = submit(body, prompt, max_tokens, "messages")
+        prompt = self.tokenizer.encode(text)
+        max_tokens = body.max_completion_tokens or body.max_tokens or max(self.engine.max_len - len(prompt), 1)
+        handle = self.submit(body, prompt, max_tokens, "messages")
         rid = "chatcmpl-" + uuid.uuid4().hex
 
         def chunk(delta: dict, finish: str | None) -> dict:
             return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()),
-                    "model": config.model_name, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+                    "model": self.config.model_name,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
 
         if body.stream:
             return sse(handle, request, body, lambda text: chunk({"content": text}, None),
                        lambda ev: chunk({}, ev.finish_reason), chunk_usage(rid, "chat.completion.chunk", len(prompt)),
                        first=chunk({"role": "assistant", "content": ""}, None))
         text, last = await collect(handle, request)
-        return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": config.model_name,
+        return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": self.config.model_name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                              "finish_reason": last.finish_reason}],
                 "usage": usage(len(prompt), last.n_tokens)}
 
-    # ----- helpers -----------------------------------------------------------------------------------
-    def submit(body: SamplingFields, prompt: list[int], max_tokens: int, prompt_param: str) -> Handle:
-        if body.model != config.model_name:
-            raise APIError(404, f"the model '{body.model}' does not exist; this server serves '{config.model_name}'",
+    def submit(self, body: SamplingFields, prompt: list[int], max_tokens: int, prompt_param: str) -> Handle:
+        name, max_len = self.config.model_name, self.engine.max_len
+        if body.model != name:
+            raise APIError(404, f"the model '{body.model}' does not exist; this server serves '{name}'",
                            code="model_not_found", param="model")
-        if len(prompt) + max_tokens > engine.max_len:
-            raise APIError(400, f"this model's context holds {engine.max_len} tokens, but the prompt has "
+        if len(prompt) + max_tokens > max_len:
+            raise APIError(400, f"this model's context holds {max_len} tokens, but the prompt has "
                            f"{len(prompt)} and {max_tokens} more were requested; shorten the prompt or lower "
                            "max_tokens", code="context_length_exceeded", param=prompt_param)
         params = SamplingParams(max_new_tokens=max_tokens, temperature=body.temperature, top_k=max(body.top_k, 0),
-                                top_p=body.top_p, seed=body.seed, stop_token_ids=stop_ids, stop=body.stop_strings())
+                                top_p=body.top_p, seed=body.seed, stop_token_ids=self.stop_ids,
+                                stop=body.stop_strings())
         try:
-            return batcher.submit(prompt, params)
+            return self.batcher.submit(prompt, params)
         except QueueFull as e:
             raise APIError(429, f"the server is busy: {e}; retry later", type="rate_limit_error",
                            code="queue_full") from None
-
-    return app
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:

@@ -51,16 +51,23 @@ def make_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = 
         raise Dsv3Error(f"{run_dir}/metrics.jsonl has no training records yet; train for at least one log interval")
     out_dir = os.fspath(out_dir or os.path.join(run_dir, PLOTS))
     os.makedirs(out_dir, exist_ok=True)
-    written = []
     n_mtp = _mtp_routers(run_dir)
-
-    def save(fig, name: str) -> None:
+    written = []
+    for name, draw in (("loss.png", _loss), ("lr.png", _lr), ("throughput.png", _throughput),
+                       ("expert_load.png", _expert_load), ("router_bias.png", _router_bias), ("maxvio.png", _maxvio)):
+        fig = draw(plt, records, train, n_mtp)
+        if fig is None:  # the run recorded nothing to draw (a model without MoE layers)
+            continue
         path = os.path.join(out_dir, name)
-        fig.tight_layout()
+        if name != "expert_load.png":  # its colour bar spans the subplots, which tight_layout cannot place
+            fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
+    return written
 
+
+def _loss(plt, records, train, n_mtp):
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for key, label, style in (("loss", "train", "-"), ("mtp_loss", "train MTP", "-"),
                               ("val_loss", "validation", "o-"), ("val_mtp_loss", "validation MTP", "s--")):
@@ -70,14 +77,18 @@ def make_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = 
     ax.set(xlabel="step", ylabel="cross-entropy (nats)", title="loss")
     ax.grid(alpha=0.3)
     ax.legend()
-    save(fig, "loss.png")
+    return fig
 
+
+def _lr(plt, records, train, n_mtp):
     fig, ax = plt.subplots(figsize=(8, 3.5))
     ax.plot(*_series(train, "lr"))
     ax.set(xlabel="step", ylabel="learning rate", title="learning-rate schedule")
     ax.grid(alpha=0.3)
-    save(fig, "lr.png")
+    return fig
 
+
+def _throughput(plt, records, train, n_mtp):
     fig, ax = plt.subplots(figsize=(8, 3.5))
     steps, tps = _series(train, "tokens_per_s")
     ax.plot(steps, tps, color="tab:blue")
@@ -87,57 +98,62 @@ def make_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = 
     mfu.plot(*_series(train, "mfu"), color="tab:orange", alpha=0.6)
     mfu.set_ylabel("MFU", color="tab:orange")
     mfu.yaxis.set_major_formatter(lambda v, _: f"{v:.0%}")
-    save(fig, "throughput.png")
+    return fig
 
+
+def _expert_load(plt, records, train, n_mtp):
     steps, loads = _series(train, "load")
-    if loads:
-        names = _router_names(len(loads[0]), n_mtp)
-        fig, axes = plt.subplots(len(names), 1, figsize=(9, 1.6 * len(names) + 1), sharex=True, squeeze=False)
-        for i, (ax, name) in enumerate(zip(axes[:, 0], names)):
-            grid = [[row[i][e] for row in loads] for e in range(len(loads[0][i]))]  # [E, steps]
-            image = ax.imshow(grid, aspect="auto", cmap="coolwarm", vmin=0, vmax=2, interpolation="nearest",
-                              extent=(steps[0], steps[-1], len(grid) - 0.5, -0.5))
-            ax.set_ylabel(f"{name}\nexpert", fontsize=8)
-        axes[-1, 0].set_xlabel("step")
-        fig.colorbar(image, ax=axes[:, 0], label="load / mean load", shrink=0.8)
-        fig.suptitle("expert load per layer (1 = balanced)")
-        path = os.path.join(out_dir, "expert_load.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+    if not loads:
+        return None
+    names = _router_names(len(loads[0]), n_mtp)
+    fig, axes = plt.subplots(len(names), 1, figsize=(9, 1.6 * len(names) + 1), sharex=True, squeeze=False)
+    for i, (ax, name) in enumerate(zip(axes[:, 0], names)):
+        grid = [[row[i][e] for row in loads] for e in range(len(loads[0][i]))]  # [E, steps]
+        image = ax.imshow(grid, aspect="auto", cmap="coolwarm", vmin=0, vmax=2, interpolation="nearest",
+                          extent=(steps[0], steps[-1], len(grid) - 0.5, -0.5))
+        ax.set_ylabel(f"{name}\nexpert", fontsize=8)
+    axes[-1, 0].set_xlabel("step")
+    fig.colorbar(image, ax=axes[:, 0], label="load / mean load", shrink=0.8)
+    fig.suptitle("expert load per layer (1 = balanced)")
+    return fig
 
+
+def _router_bias(plt, records, train, n_mtp):
     steps, biases = _series(train, "bias")
-    if biases:
-        names = _router_names(len(biases[0]), n_mtp)
-        cols = min(3, len(names))
-        rows = -(-len(names) // cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.8 * rows), squeeze=False, sharex=True)
-        for i, name in enumerate(names):
-            ax = axes[i // cols, i % cols]
-            for e in range(len(biases[0][i])):
-                ax.plot(steps, [b[i][e] for b in biases], linewidth=0.8)
-            ax.set_title(name, fontsize=9)
-            ax.grid(alpha=0.3)
-        for j in range(len(names), rows * cols):
-            axes[j // cols, j % cols].axis("off")
-        fig.suptitle("router selection bias per expert")
-        fig.supxlabel("step")
-        save(fig, "router_bias.png")
-
-    steps, vio = _series(train, "maxvio")
-    if vio:
-        fig, ax = plt.subplots(figsize=(8, 4))
-        ax.plot(steps, vio, label="batch, mean over layers")
-        ax.plot(*_series(train, "maxvio_max"), alpha=0.6, label="batch, worst layer")
-        val_steps, val = _series(records, "val_maxvio")
-        if val_steps:
-            ax.plot(val_steps, val, "o-", label="validation, mean over layers")
-            ax.plot(*_series(records, "val_maxvio_max"), "s--", label="validation, worst layer")
-        ax.set(xlabel="step", ylabel="MaxVio", title="load imbalance: (max load - mean) / mean")
+    if not biases:
+        return None
+    names = _router_names(len(biases[0]), n_mtp)
+    cols = min(3, len(names))
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.8 * rows), squeeze=False, sharex=True)
+    for i, name in enumerate(names):
+        ax = axes[i // cols, i % cols]
+        for e in range(len(biases[0][i])):
+            ax.plot(steps, [b[i][e] for b in biases], linewidth=0.8)
+        ax.set_title(name, fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend()
-        save(fig, "maxvio.png")
-    return written
+    for j in range(len(names), rows * cols):
+        axes[j // cols, j % cols].axis("off")
+    fig.suptitle("router selection bias per expert")
+    fig.supxlabel("step")
+    return fig
+
+
+def _maxvio(plt, records, train, n_mtp):
+    steps, vio = _series(train, "maxvio")
+    if not vio:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.plot(steps, vio, label="batch, mean over layers")
+    ax.plot(*_series(train, "maxvio_max"), alpha=0.6, label="batch, worst layer")
+    val_steps, val = _series(records, "val_maxvio")
+    if val_steps:
+        ax.plot(val_steps, val, "o-", label="validation, mean over layers")
+        ax.plot(*_series(records, "val_maxvio_max"), "s--", label="validation, worst layer")
+    ax.set(xlabel="step", ylabel="MaxVio", title="load imbalance: (max load - mean) / mean")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return fig
 
 
 def _mtp_routers(run_dir: str) -> int:
