@@ -2,6 +2,8 @@
 
 import io
 import json
+import re
+import shutil
 import sys
 
 import pytest
@@ -267,6 +269,20 @@ def test_generate_from_a_model_directory_with_speculation(capsys):
     assert main([*args, "--speculative", "mtp", "the latent cache"]) == 0
     spec = capsys.readouterr()
     assert spec.out == plain.out and "MTP acceptance" in spec.err
+
+
+def test_generate_on_a_long_context_model_allocates_what_the_request_needs(tmp_path, capsys):
+    """A config that allows 163,840 tokens (V3's) gets a cache of prompt + new tokens, not of 163,840."""
+    _, tok, directory = trained_tiny()
+    long = tmp_path / "long"
+    shutil.copytree(directory, long)
+    config = json.loads((long / "config.json").read_text())
+    (long / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 163840}))
+    prompt = "the latent cache"
+    assert main(["generate", "--model", str(long), "--max-new-tokens", "16", "--stats", prompt]) == 0
+    stats = capsys.readouterr().err
+    slots, rows = re.search(r"cache: (\d+) tokens x (\d+) row", stats).groups()
+    assert int(rows) == 1 and int(slots) <= len(tok.encode(prompt, bos=True)) + 16
 
 
 def test_chat_streams_answers_over_several_turns(monkeypatch, capsys):

@@ -47,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
         if s.acceptance is not None:
             line += f"; MTP acceptance {s.acceptance:.1%} ({s.accepted}/{s.drafted})"
         cache = engine.cache
-        line += f"; cache {cache.max_len} tokens x {cache.batch_size} row(s), {cache.nbytes / 2**10:,.0f} KiB"
+        line += (f"\ncache: {cache.max_len} tokens x {cache.batch_size} row(s), {cache.nbytes / 2**10:,.1f} KiB "
+                 f"({args.cache_dtype}; the model allows {engine.max_len} tokens)")
         print(line, file=sys.stderr)
     return 0
