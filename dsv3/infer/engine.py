@@ -107,7 +107,10 @@ class Engine:
     ServingConfig(max_batch=8))`.
     """
 
-    GROWTH = 1.5  # the cache grows geometrically, so a long generation copies it a logarithmic number of times
+    # The cache grows geometrically, at least CHUNK slots at a time, so a long generation copies it a
+    # logarithmic number of times and a short one (whatever its requests can use, up to CHUNK more) not at all.
+    GROWTH = 1.5
+    CHUNK = 256
 
     def __init__(self, model: DeepSeekV3, tokenizer: Decoder | None = None, config: ServingConfig | None = None,
                  **changes):
@@ -304,7 +307,8 @@ class Engine:
             return
         live = [*self.running, *admitted]
         usable = max((len(s.prompt) + s.params.max_new_tokens for s in live), default=slots)
-        target = min(max(slots, math.ceil(self.cache.max_len * self.GROWTH)), usable, self.max_len + 1)
+        grown = max(slots + self.CHUNK, math.ceil(self.cache.max_len * self.GROWTH))
+        target = min(grown, usable, self.max_len + 1)
         self.cache.resize(max(target, slots))
 
     # ----- bookkeeping -------------------------------------------------------------------------------

@@ -142,5 +142,6 @@ class MLA(nn.Module):
         scores = scores.float().view(B, T, H, S) * self.scale + mask[:, :, None]  # [B, T, H, S]
         p = scores.softmax(dim=-1).type_as(c_kv).view(B, T * H, S)
         o_lat = torch.bmm(p, c_kv)  # [B, T*H, c]
-        o = torch.bmm(o_lat.view(B, T, H, c).permute(2, 0, 1, 3).reshape(H, B * T, c), w_uv.transpose(1, 2))
-        return o.view(H, B, T, v).permute(1, 2, 0, 3)  # [H, B*T, v] -> [B, T, H, v]
+        # W_uv [H, v, c] times the latent outputs laid out [H, c, B*T]: both read in place, no transposed copy
+        o = torch.bmm(w_uv, o_lat.view(B, T, H, c).permute(2, 3, 0, 1).reshape(H, c, B * T))  # [H, v, B*T]
+        return o.view(H, v, B, T).permute(2, 3, 0, 1)  # [B, T, H, v]

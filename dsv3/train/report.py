@@ -101,11 +101,16 @@ def _throughput(plt, records, train, n_mtp):
     return fig
 
 
+def _per_router(train, key: str, n_mtp: int):
+    """(steps, per-router lists, router names) of a per-router record key; None when the run has no routers."""
+    steps, values = _series(train, key)
+    return (steps, values, _router_names(len(values[0]), n_mtp)) if values else None
+
+
 def _expert_load(plt, records, train, n_mtp):
-    steps, loads = _series(train, "load")
-    if not loads:
+    if (found := _per_router(train, "load", n_mtp)) is None:
         return None
-    names = _router_names(len(loads[0]), n_mtp)
+    steps, loads, names = found
     fig, axes = plt.subplots(len(names), 1, figsize=(9, 1.6 * len(names) + 1), sharex=True, squeeze=False)
     for i, (ax, name) in enumerate(zip(axes[:, 0], names)):
         grid = [[row[i][e] for row in loads] for e in range(len(loads[0][i]))]  # [E, steps]
@@ -119,10 +124,9 @@ def _expert_load(plt, records, train, n_mtp):
 
 
 def _router_bias(plt, records, train, n_mtp):
-    steps, biases = _series(train, "bias")
-    if not biases:
+    if (found := _per_router(train, "bias", n_mtp)) is None:
         return None
-    names = _router_names(len(biases[0]), n_mtp)
+    steps, biases, names = found
     cols = min(3, len(names))
     rows = -(-len(names) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.8 * rows), squeeze=False, sharex=True)
