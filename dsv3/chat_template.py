@@ -56,22 +56,25 @@ class ChatTemplate:
         return cls(template, _token(config.get("bos_token")) or BOS, _token(config.get("eos_token")) or EOS)
 
     def render(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """The prompt text; ValueError (one sentence) when the messages are malformed, the template fails on
+        them, however it fails, or renders nothing."""
         for m in messages:
             if m.get("role") not in ROLES or not isinstance(m.get("content"), str):
                 raise ValueError(f"each message needs a role in {ROLES} and a string content, got {m!r}")
         if self._compiled is None:
             return deepseek_v3_format(messages, add_generation_prompt)
-        import jinja2
-
         try:
-            return self._compiled.render(
+            text = self._compiled.render(
                 messages=list(messages),
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token,
                 eos_token=self.eos_token,
             )
-        except jinja2.TemplateError as e:
-            raise ValueError(f"the chat template failed on these messages: {e}") from None
+        except Exception as e:  # a template is code: it may fail in any way (it runs sandboxed)
+            raise ValueError(f"the chat template failed on these messages ({type(e).__name__}: {e})") from None
+        if not text:
+            raise ValueError("the chat template rendered these messages as an empty prompt")
+        return text
 
 
 def _compile(template: str) -> Any:

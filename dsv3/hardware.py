@@ -75,6 +75,48 @@ def cpu() -> Accelerator:
     )
 
 
+def usable_device(name: str) -> torch.device:
+    """The torch device `name` ("cpu", "cuda", "cuda:N") if this machine has it; a Dsv3Error naming it if not."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise InvalidValue("device", name, "is not a device; use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise InvalidValue("device", name, "is not a device this code runs on; use cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InvalidValue("device", name, "is not available: this machine has no CUDA GPU that torch can use")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InvalidValue("device", name, f"is not available: this machine has {torch.cuda.device_count()} "
+                               "CUDA GPU(s)")
+    return device
+
+
+def available_memory(device: str | torch.device = "cpu") -> int:
+    """Bytes a new allocation can take now: free GPU memory on CUDA, MemAvailable of /proc/meminfo on the CPU
+    (physical memory where that file is missing)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_memory(needed: float, what: str, device: str | torch.device = "cpu", hint: str = "") -> None:
+    """Refuse, with the figures, work that cannot fit: `what` needs `needed` bytes on `device`."""
+    have = available_memory(device)
+    if needed > have:
+        raise Dsv3Error(f"{what} needs about {needed / GiB:,.3g} GiB but {torch.device(device).type} memory has "
+                        f"{have / GiB:,.3g} GiB available{'; ' + hint if hint else ''}")
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -104,8 +104,9 @@ def _group(key: str) -> str:
 
 
 def _hf_name(key: str, cfg: ModelConfig) -> str | None:
-    experts = names.expert_names(key, cfg.num_hidden_layers, cfg.n_routed_experts)
-    return experts[0] if experts else names.ours_to_hf(key, cfg.num_hidden_layers)
+    """The HF name of the tensor (of its first expert, for stacked experts: all share one rule)."""
+    first_expert = names.expert_names(key, cfg.num_hidden_layers, 1)
+    return first_expert[0] if first_expert else names.ours_to_hf(key, cfg.num_hidden_layers)
 
 
 @functools.lru_cache(maxsize=16)

@@ -18,6 +18,7 @@ with is kept whole in `Tokenizer.config`: its chat template is what `dsv3.chat_t
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -153,6 +154,13 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """At least as many bytes as any one token stands for, so len(text in UTF-8) / max_token_bytes is a
+        lower bound of the tokens a text becomes: a server refuses an oversized prompt without tokenizing it.
+        (A byte-level vocabulary's characters each stand for one byte and take one to two in UTF-8.)"""
+        return max(len(t.encode("utf-8")) for t in self.backend.get_vocab(with_added_tokens=True))
+
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
 
@@ -205,6 +213,7 @@ class ByteTokenizer:
     bos_id = None
     eos_id = None
     vocab_size = 256
+    max_token_bytes = 1
     config: dict[str, Any] = {}  # no tokenizer_config.json, so no chat template: DeepSeek-V3's format
 
     def encode(self, text: str, bos: bool = False) -> list[int]:

@@ -117,7 +117,9 @@ def test_changed_input_or_settings_rebuild(corpus, tmp_path, change):
 def test_a_failed_run_leaves_the_previous_dataset_whole(corpus, tmp_path, monkeypatch):
     out = tmp_path / "data"
     first = prepare([str(corpus)], out, vocab_size=VOCAB, log=quiet)
-    os.makedirs(out / ".prepare-killed")  # left behind by a run killed earlier
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()  # the id of a process that has ended
+    os.makedirs(tmp_path / f".prepare-{dead}-x-data")  # left behind by a run killed earlier
 
     def dies(*args, **kwargs):
         raise KeyboardInterrupt  # as if killed while writing the shards
@@ -128,6 +130,7 @@ def test_a_failed_run_leaves_the_previous_dataset_whole(corpus, tmp_path, monkey
     assert sorted(os.listdir(out)) == ["manifest.json", "tokenizer.json", "tokenizer_config.json",
                                        "train-00000.bin", "val-00000.bin"]
     assert DatasetInfo.load(out) == first and first.is_complete()
+    assert sorted(os.listdir(tmp_path)) == ["corpus", "data"]  # the failed run's and the dead run's folders gone
 
 
 def test_shards_roll_over_and_uint32_holds_large_ids(tmp_path):

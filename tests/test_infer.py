@@ -309,6 +309,6 @@ def test_cli_errors_are_one_line(capsys, tmp_path):
     err = capsys.readouterr().err
     assert "does not exist" in err and "Traceback" not in err
     assert main(["generate", "--preset", "tiny", "--top-p", "2", "hello"]) == 2
-    assert "--top-p 2.0 must be in (0, 1]" in capsys.readouterr().err
+    assert "--top-p 2.0 must be a number in (0, 1]" in capsys.readouterr().err
     assert main(["generate", "--preset", "tiny", "--max-len", "1", "hello"]) == 2
     assert "--max-len 1 must be an integer of at least 2 tokens" in capsys.readouterr().err

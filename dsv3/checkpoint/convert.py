@@ -1,5 +1,10 @@
 """Convert a Hugging Face checkpoint tensor by tensor: FP8 -> bf16 (or fp16/fp32), a dtype change, bf16 -> FP8,
-or re-sharding. Names stay the same; only one shard of new tensors is held in memory at a time."""
+or re-sharding. Names stay the same; only one shard of new tensors is held in memory at a time.
+
+The result is built in a temporary folder beside the destination and put in its place at the end, so a
+conversion that fails or is killed leaves no destination or a complete one; the source is only read, and a
+destination that is, holds or lies inside the source (through links too) is refused.
+"""
 
 from __future__ import annotations
 
@@ -12,25 +17,26 @@ from dsv3.checkpoint import names
 from dsv3.checkpoint.files import CheckpointReader, nbytes, plan_shards, write_shards
 from dsv3.checkpoint.pretrained import DTYPES, SCALE_SUFFIX, read_tensor, write_config
 from dsv3.config import ModelConfig
-from dsv3.errors import CheckpointError
+from dsv3.errors import InvalidValue
 from dsv3.fp8 import fp8_nbytes, quantize_blocks
+from dsv3.utils import check_destination, staged_directory
 
 # files beside the weights that a model directory carries along
 SIDECARS = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
 
 def convert_checkpoint(
-    src: str, dst: str, *, dtype: str = "bf16", max_shard_size: int | str | None = None
+    src: str, dst: str, *, dtype: str = "bf16", max_shard_size: int | str | None = None, overwrite: bool = False
 ) -> dict[str, str]:
     """Write `src` to `dst` with weights in `dtype` ("bf16", "fp16", "fp32" or "fp8", the release's block format).
 
     The router bias stays fp32; with fp8, only the tensors the release quantises become e4m3. Shards follow
-    the source's, unless max_shard_size is given. Returns the new weight map.
+    the source's, unless max_shard_size is given. A `dst` that already holds files is replaced only with
+    `overwrite`. Returns the new weight map.
     """
-    if os.path.abspath(src) == os.path.abspath(dst):
-        raise CheckpointError("source and destination are the same directory; convert into a new one")
     if dtype not in (*DTYPES, "fp8"):
-        raise CheckpointError(f"unknown dtype {dtype!r}; choose one of {', '.join((*DTYPES, 'fp8'))}")
+        raise InvalidValue("dtype", dtype, f"is not one of {', '.join((*DTYPES, 'fp8'))}")
+    check_destination(dst, overwrite=overwrite, sources=(src,))
     cfg = ModelConfig.from_hf(src)
     reader = CheckpointReader(src)
     fp8 = dtype == "fp8"
@@ -54,14 +60,14 @@ def convert_checkpoint(
                 out[key] = t
         return out
 
-    os.makedirs(dst, exist_ok=True)
     if max_shard_size is None:  # keep the source's grouping: one destination shard per source shard
         shards = [[k for k in reader.keys_in(f) if not k.endswith(SCALE_SUFFIX)] for f in reader.files()]
     else:
         shards = plan_shards([(k, planned_bytes(k)) for k in keys], max_shard_size)
-    weight_map = write_shards(dst, [s for s in shards if s], materialize, always_index=fp8)
-    write_config(dst, cfg, target, fp8)
-    for name in SIDECARS:
-        if os.path.exists(os.path.join(src, name)):
-            shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+    with staged_directory(dst, "convert") as tmp:
+        weight_map = write_shards(tmp, [s for s in shards if s], materialize, always_index=fp8)
+        write_config(tmp, cfg, target, fp8)
+        for name in SIDECARS:
+            if os.path.exists(os.path.join(src, name)):
+                shutil.copyfile(os.path.join(src, name), os.path.join(tmp, name))
     return weight_map

@@ -12,6 +12,7 @@ from dsv3.checkpoint.files import CheckpointReader, nbytes, plan_shards, write_s
 from dsv3.config import ModelConfig
 from dsv3.errors import CheckpointError
 from dsv3.fp8 import dequantize_blocks, fp8_nbytes, quantize_blocks
+from dsv3.hardware import check_memory
 from dsv3.model import DeepSeekV3
 
 SCALE_SUFFIX = "_scale_inv"  # X.weight -> X.weight_scale_inv
@@ -76,8 +77,10 @@ def load_pretrained(
     if dtype is None:
         dtype = _checkpoint_dtype(reader)
     with torch.device("meta"):
-        model = DeepSeekV3(cfg, attn_impl=attn_impl, experts_impl=experts_impl)
-    model = model.to(dtype).to_empty(device=device)
+        model = DeepSeekV3(cfg, attn_impl=attn_impl, experts_impl=experts_impl).to(dtype)
+    needed = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    check_memory(needed, f"the model in {path}", device, hint="load it in a smaller --dtype or on a larger machine")
+    model = model.to_empty(device=device)
     state = model.state_dict(keep_vars=True)
     with torch.no_grad():
         filled = _fill(reader, state, cfg, path)

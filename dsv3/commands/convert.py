@@ -10,7 +10,8 @@ HELP = "convert a checkpoint: FP8 -> bf16, another dtype, bf16 -> the release's 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", help="source model directory (config.json + safetensors)")
-    parser.add_argument("dst", help="destination directory (created; must differ from src)")
+    parser.add_argument("dst", help="destination directory: created whole beside its final place and moved there "
+                        "at the end; it must not be, hold or lie inside src")
     parser.add_argument(
         "--dtype",
         choices=["bf16", "fp16", "fp32", "fp8"],
@@ -23,13 +24,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SIZE",
         help="re-shard at this size (e.g. 5GB); default: one output shard per input shard",
     )
+    parser.add_argument("--overwrite", action="store_true", help="replace a destination that already holds files")
 
 
 def run(args: argparse.Namespace) -> int:
     from dsv3.checkpoint.convert import convert_checkpoint
 
     start = time.perf_counter()
-    weight_map = convert_checkpoint(args.src, args.dst, dtype=args.dtype, max_shard_size=args.max_shard_size)
+    weight_map = convert_checkpoint(args.src, args.dst, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                                    overwrite=args.overwrite)
     n_files = len(set(weight_map.values()))
     print(
         f"wrote {len(weight_map)} tensors in {n_files} file(s) to {args.dst} ({args.dtype}) "

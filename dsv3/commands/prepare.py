@@ -18,7 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("sources", nargs="*", metavar="SOURCE",
                         help="text files, folders (recursive), globs, or .jsonl files; none: the built-in corpus "
                              "(Python's documentation topics and standard library)")
-    parser.add_argument("--out", default="data", metavar="DIR", help="where the shards go (default: data)")
+    parser.add_argument("--out", default="data", metavar="DIR", help="where the shards go: a new or empty folder, "
+                        "or one prepare wrote before (default: data)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an --out folder that holds other files")
     parser.add_argument("--vocab-size", type=int, metavar="N",
                         help=f"train a byte-level BPE of N tokens (default: the model's vocab_size with --preset or "
                              f"--config, else {DEFAULT_VOCAB})")
@@ -45,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
         check_vocab(Tokenizer.from_file(args.tokenizer), model)
     vocab_size = args.vocab_size or (model.vocab_size if model is not None else DEFAULT_VOCAB)
     info = prepare(args.sources, args.out, vocab_size=vocab_size, tokenizer=args.tokenizer,
-                   text_field=args.text_field, val_fraction=args.val_fraction, audit=args.audit)
+                   text_field=args.text_field, val_fraction=args.val_fraction, audit=args.audit,
+                   overwrite=args.overwrite)
     if model is not None:
         check_vocab(info, model)
     a = info.audit

@@ -3,25 +3,83 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
+import os
 import signal
+import socket
 import sys
 
 from dsv3.commands import options
-from dsv3.errors import Dsv3Error
+from dsv3.errors import Dsv3Error, InvalidValue
 
 HELP = "serve a model over an OpenAI-compatible HTTP API (completions, chat, streaming)"
+KEY_ENV = "DSV3_API_KEY"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     options.add_model(parser)
     options.add_serving(parser, max_batch=16)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on /v1/ routes")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on, 1-65535 (default: 8000)")
+    key = parser.add_mutually_exclusive_group()
+    key.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on every route but "
+                     f"/health; a key on the command line shows in `ps`: prefer ${KEY_ENV} or --api-key-file")
+    key.add_argument("--api-key-file", metavar="FILE", help="read the API key from the first line of FILE")
     parser.add_argument("--max-queue", type=int, default=64, metavar="N", help="requests that may wait for a row; "
                         "past that the server answers 429")
+    parser.add_argument("--request-timeout", type=float, default=15.0, metavar="S",
+                        help="seconds a client has to send a whole request before its connection is closed "
+                             "(default: 15)")
+    parser.add_argument("--max-body", type=int, default=8 * 2**20, metavar="BYTES",
+                        help="largest request body accepted; larger ones get 413 (default: 8 MiB)")
     parser.add_argument("--name", help="the model name clients ask for (default: the directory's or preset's name)")
+
+
+def api_key(args: argparse.Namespace) -> str | None:
+    """The key from --api-key, --api-key-file or $DSV3_API_KEY (in that order), or None for an open server."""
+    if args.api_key is not None:
+        key = args.api_key
+    elif args.api_key_file is not None:
+        try:
+            with open(args.api_key_file, encoding="utf-8") as f:
+                key = f.readline().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise Dsv3Error(f"cannot read the API key from {args.api_key_file} ({e}); give a readable text "
+                            "file") from None
+    else:
+        key = os.environ.get(KEY_ENV)
+    if key is not None and (not key or any(c.isspace() for c in key)):
+        raise Dsv3Error("the API key must be non-empty and hold no spaces or line breaks")
+    return key
+
+
+def check_listen(args: argparse.Namespace) -> socket.socket:
+    """The listening socket, bound before anything is announced: a bad address or a port in use is an error
+    now, not after "serving on ..." has been printed."""
+    if not 1 <= args.port <= 65535:
+        raise InvalidValue("port", args.port, "must be a port number from 1 to 65535")
+    for name, value, low in (("max_queue", args.max_queue, 0), ("request_timeout", args.request_timeout, 0.1),
+                             ("max_body", args.max_body, 1024)):
+        if not value >= low:
+            raise InvalidValue(name, value, f"must be at least {low}")
+    try:
+        infos = socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM)
+        family, _, _, _, address = infos[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as e:
+        raise Dsv3Error(f"cannot listen on {args.host}:{args.port} ({e.strerror or e}); choose another --host or "
+                        "--port") from None
+    return sock
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -30,18 +88,25 @@ def run(args: argparse.Namespace) -> int:
 
         from dsv3.chat_template import ChatTemplate
         from dsv3.serve.app import ServerConfig, create_app
+        from dsv3.serve.limits import DeadlineProtocol
     except ImportError:
         raise Dsv3Error("dsv3 serve needs FastAPI and uvicorn; install them with pip install 'dsv3[serve]'") from None
-    if args.max_queue < 0:
-        raise Dsv3Error(f"--max-queue {args.max_queue} must be at least 0")
+    key = api_key(args)
+    sock = check_listen(args)
     loaded = options.load_model(args)
     engine = options.make_engine(args, loaded)
-    config = ServerConfig(model_name=args.name or loaded.name, api_key=args.api_key, max_queue=args.max_queue)
+    config = ServerConfig(model_name=args.name or loaded.name, api_key=key, max_queue=args.max_queue,
+                          max_body_bytes=args.max_body)
     app = create_app(engine, loaded.tokenizer, config, ChatTemplate.from_config(loaded.tokenizer.config))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if key is None and not _loopback(args.host):
+        print(f"warning: serving on {args.host} without an API key: anyone who can reach this address can use "
+              f"the model; set ${KEY_ENV} or pass --api-key-file", file=sys.stderr)
     speculation = ", MTP speculation" if args.speculative else ""
     print(f"serving {config.model_name} on http://{args.host}:{args.port}/v1 ({engine.max_batch} slots, context up "
           f"to {engine.max_len} tokens, {args.cache_dtype} cache{speculation})", file=sys.stderr)
+    protocol = type("Protocol", (DeadlineProtocol,), {"request_timeout": args.request_timeout})
+    server = uvicorn.Server(uvicorn.Config(app, http=protocol, log_level="warning", timeout_graceful_shutdown=5))
     # uvicorn turns SIGINT/SIGTERM into a graceful shutdown (open streams get a few seconds, then the lifespan
     # hook stops the engine thread) and afterwards re-raises the signal to the handler it found; this one
     # records it, so a stopped server exits 0 instead of dying by the signal it already handled.
@@ -49,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     handled = (signal.SIGINT, signal.SIGTERM)
     previous = {sig: signal.signal(sig, lambda sig, frame: received.append(sig)) for sig in handled}
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
+        server.run(sockets=[sock])
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -3,9 +3,10 @@
     sources -> documents -> audit (optional) -> spool -> tokenizer (trained or given)
             -> token stream (EOS after each document) -> train / validation shards -> manifest
 
-Everything is built in a temporary folder inside the output folder and moved into place at the end,
-manifest last, so a killed run never leaves a dataset that looks complete. A run whose sources
-(paths, sizes, modification times) and settings match the manifest reuses the shards.
+The dataset is built whole in a temporary folder beside the output folder and exchanged with it at the
+end, so a killed run leaves the old dataset or the new one, never a mix. The output folder must be empty,
+new, or a dataset prepared before (anything else needs `overwrite`). A run whose sources (paths, sizes,
+modification times) and settings match the manifest reuses the shards.
 """
 
 from __future__ import annotations
@@ -13,10 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
-import shutil
 import struct
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -28,12 +26,10 @@ from dsv3.data.dataset import FORMAT, MANIFEST, DatasetInfo, token_dtype
 from dsv3.data.pack import SHARD_TOKENS, name_key, plan_split, tokenize, write_shards
 from dsv3.data.sources import Document, read, resolve, stat_key
 from dsv3.errors import Dsv3Error, InvalidValue
-from dsv3.tokenizer import CONFIG_FILE, TOKENIZER_FILE, Tokenizer
-from dsv3.utils import human
+from dsv3.tokenizer import Tokenizer
+from dsv3.utils import check_destination, human, staged_directory
 
 AUDIT_MODES = ("off", "refuse", "clean")
-TMP_PREFIX = ".prepare-"
-SHARD_NAME = re.compile(r"(train|val)-\d{5}\.bin")
 
 
 def prepare(
@@ -46,6 +42,7 @@ def prepare(
     val_fraction: float = 0.01,
     audit: str = "off",
     shard_tokens: int = SHARD_TOKENS,
+    overwrite: bool = False,
     log: Callable[[str], None] = print,
     progress: bool | None = None,
 ) -> DatasetInfo:
@@ -56,10 +53,12 @@ def prepare(
     text_field:   the field of each JSONL record that holds its text
     val_fraction: share of the tokens held out, by whole documents (at least 16K tokens or a tenth)
     audit:        "off"; "refuse" stops if `dsv3.audit` flags any document; "clean" keeps its fixed text
+    overwrite:    replace an `out` that holds anything but a dataset prepared before
     log:          receives one line per stage and a summary; `progress` shows bars (None: on a terminal)
     """
     start = time.perf_counter()
     out = os.fspath(out)
+    check_destination(out, overwrite=overwrite, allow=_is_dataset, what="output folder")
     if audit not in AUDIT_MODES:
         raise InvalidValue("audit", audit, f"is not one of: {', '.join(AUDIT_MODES)}")
     if not 0 < val_fraction < 0.5:
@@ -95,9 +94,7 @@ def _build(files: list[str] | None, out: str, described: str, given: Tokenizer |
            manifest: dict) -> DatasetInfo:
     """Read, tokenize and pack into a temporary folder inside `out`, then move the dataset into place."""
     vocab_size = settings["vocab_size"]
-    os.makedirs(out, exist_ok=True)
-    _remove_leftovers(out)
-    with tempfile.TemporaryDirectory(prefix=TMP_PREFIX, dir=out) as tmp:
+    with staged_directory(out, "prepare") as tmp:
         log(f"reading {described}")
         spool, audited = _read(files, settings["text_field"], settings["audit"], tmp, described, progress)
         if given is None:
@@ -106,12 +103,15 @@ def _build(files: list[str] | None, out: str, described: str, given: Tokenizer |
         log(f"tokenizing {spool.documents} documents")
         dtype, total, splits = _pack(spool, tok, tmp, settings["val_fraction"], shard_tokens, progress)
         info = DatasetInfo(
-            path=out, dtype=dtype.name, vocab_size=tok.vocab_size, eos_id=tok.eos_id, bos_id=tok.bos_id,
+            path=tmp, dtype=dtype.name, vocab_size=tok.vocab_size, eos_id=tok.eos_id, bos_id=tok.bos_id,
             tokenizer_sha256=tok.sha256(), content_sha256=spool.sha256.hexdigest(), documents=spool.documents,
             bytes=spool.bytes, tokens=total, splits=splits, audit=audited,
             seconds=round(time.perf_counter() - start, 3), **manifest,
         )
-        _install(tmp, out, info)
+        os.remove(os.path.join(tmp, "stream.bin"))  # the unsplit stream and the spool are not kept
+        os.remove(os.path.join(tmp, "documents.spool"))
+        info.save()  # the manifest, last
+    info.path = out
     return info
 
 
@@ -169,26 +169,9 @@ def _describe(files: Sequence[str]) -> str:
     return files[0] if len(files) == 1 else f"{len(files)} files"  # "0 files": only the output folder
 
 
-def _remove_leftovers(out: str) -> None:
-    """Temporary folders of earlier runs that were killed before they finished."""
-    for name in os.listdir(out):
-        if name.startswith(TMP_PREFIX) and os.path.isdir(os.path.join(out, name)):
-            shutil.rmtree(os.path.join(out, name), ignore_errors=True)
-
-
-def _install(tmp: str, out: str, info: DatasetInfo) -> None:
-    """Move the new dataset from `tmp` into `out`. The old manifest goes first and the new one comes
-    last, so between the two the folder reads as unprepared (and a re-run rebuilds it)."""
-    manifest = os.path.join(out, MANIFEST)
-    if os.path.exists(manifest):
-        os.remove(manifest)
-    for name in os.listdir(out):
-        if SHARD_NAME.fullmatch(name):
-            os.remove(os.path.join(out, name))
-    new = [s["file"] for split in info.splits.values() for s in split["shards"]] + [TOKENIZER_FILE, CONFIG_FILE]
-    for name in new:
-        os.replace(os.path.join(tmp, name), os.path.join(out, name))
-    info.save()
+def _is_dataset(folder: str) -> bool:
+    """A folder `prepare` wrote (its manifest is there), which a new preparation may replace."""
+    return os.path.isfile(os.path.join(folder, MANIFEST))
 
 
 class _Audit:

@@ -24,8 +24,10 @@ State of a running sequence between steps (n = its length - 1):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
+import logging
 import math
 import time
 from collections import deque
@@ -42,6 +44,7 @@ from dsv3.model import DeepSeekV3
 from dsv3.model.cache import new_cache
 
 _ids = itertools.count()
+log = logging.getLogger("dsv3.infer")
 
 
 @dataclass(eq=False)
@@ -53,7 +56,8 @@ class Sequence:
     stream: TextStream | None = None
     id: int = field(default_factory=lambda: next(_ids))
     tokens: list[int] = field(default_factory=list)  # generated so far, stop token included
-    finish_reason: str | None = None  # "stop", "length" or "cancelled" once done
+    finish_reason: str | None = None  # "stop", "length", "cancelled" or "error" once done
+    error: str | None = None  # what went wrong for this sequence alone (finish_reason "error")
     row: int | None = None
     generator: torch.Generator | None = None
     draft: Draft | None = None
@@ -242,7 +246,8 @@ class Engine:
         self._reserve(T, batch)
         out = self.model.run(ids, positions, cache, attn="naive", logits_at=last)
         for s, row_logits in zip(batch, out.logits[:, 0]):
-            self._append(s, sample(row_logits, s.params, s.generator))
+            with self._alone(s):
+                self._append(s, sample(row_logits, s.params, s.generator))
         if self.speculative:
             # MTP slot p reads (h_p, t_{p+1}): the prompt shifted by one, then the token just sampled
             next_ids = torch.zeros_like(ids)
@@ -266,7 +271,8 @@ class Engine:
                 self._append(s, t)
         else:
             for s, row_logits in zip(active, logits):
-                self._append(s, sample(row_logits, s.params, s.generator))
+                with self._alone(s):
+                    self._append(s, sample(row_logits, s.params, s.generator))
 
     def _speculative_step(self, active: list[Sequence]) -> None:
         """Feed [last token, draft] at [n, n+1]: position n's logits judge the draft, position n+1's give the
@@ -279,12 +285,14 @@ class Engine:
         next_ids = torch.zeros_like(ids)
         accepted = []
         for i, s in enumerate(active):
-            new = verify(out.logits[i], s.draft, s.params, s.generator)
-            s.n_drafted += 1
-            s.n_accepted += len(new) - 1
+            new = [s.tokens[-1]]  # what a failed verification leaves: nothing new (the row is finished then)
+            with self._alone(s):
+                new = verify(out.logits[i], s.draft, s.params, s.generator)
+                s.n_drafted += 1
+                s.n_accepted += len(new) - 1
+                for t in new:
+                    self._append(s, t)
             accepted.append(len(new) - 1)
-            for t in new:
-                self._append(s, t)
             next_ids[i] = torch.tensor([new[0], new[-1]])  # the second slot is only read when accepted
         self.stats.drafted += len(active)
         self.stats.accepted += sum(accepted)
@@ -297,7 +305,8 @@ class Engine:
         """Each running sequence's draft of its next-but-one token from MTP's logits [B, V]."""
         for s, row_logits in zip(seqs, logits):
             if not s.done:
-                s.draft = draft_token(row_logits, s.params, s.generator)
+                with self._alone(s):
+                    s.draft = draft_token(row_logits, s.params, s.generator)
 
     def _reserve(self, slots: int, admitted: list[Sequence] = ()) -> None:
         """Grow the cache so that every row holds `slots` slots: geometrically, but never past what the
@@ -312,6 +321,20 @@ class Engine:
         self.cache.resize(max(target, slots))
 
     # ----- bookkeeping -------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _alone(self, s: Sequence):
+        """Work for one sequence of a batch: if it fails (its own sampling, detokenising, stop strings), that
+        sequence ends with finish_reason "error" and the others go on."""
+        try:
+            yield
+        except Exception as e:  # anything one sequence's own work raises ends that sequence, not the batch
+            log.warning("sequence %d failed: %r", s.id, e)
+            s.error = f"generation failed for this request: {e}"
+            if not s.done:
+                s.finish_reason = "error"
+            if s.stream is not None:
+                s._new_text = ""
+
     def _append(self, s: Sequence, token: int) -> None:
         if s.done:
             return

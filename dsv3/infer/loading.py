@@ -1,7 +1,8 @@
 """Models and tokenizers for inference: from a Hugging Face model directory, or built from a preset.
 
 A preset model is randomly initialised (seeded) and comes with the byte-level stand-in tokenizer: its
-text is garbage, but every stage (prefill, latent-cache decoding, sampling, streaming) really runs.
+text is garbage, but every stage (prefill, latent-cache decoding, sampling, streaming) really runs. A model
+directory must hold its own tokenizer.json: a stand-in would turn its ids into garbage silently.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dsv3.checkpoint import load_pretrained
 from dsv3.checkpoint.pretrained import DTYPES
 from dsv3.config import preset
 from dsv3.errors import Dsv3Error, InvalidValue
+from dsv3.hardware import check_memory
 from dsv3.model import DeepSeekV3
 from dsv3.tokenizer import TOKENIZER_FILE, ByteTokenizer, Tokenizer, check_vocab
 
@@ -43,6 +45,9 @@ def load(model_dir: str | None = None, preset_name: str | None = None, dtype: st
         torch.manual_seed(seed)
         with torch.device("meta"):
             model = DeepSeekV3(cfg)
+        needed = sum(t.numel() * 4 for t in model.state_dict().values())  # initialised in fp32, then cast
+        check_memory(needed, f"the {preset_name} preset", hint="use a smaller preset; a preset is a random "
+                     "model for trying the code paths")
         model = model.to_empty(device="cpu")
         model.init_weights()
         return Loaded(model.to(DTYPES[dtype or "fp32"]).eval(), ByteTokenizer(), preset_name, None)
@@ -50,13 +55,11 @@ def load(model_dir: str | None = None, preset_name: str | None = None, dtype: st
     if not os.path.isdir(model_dir):
         raise Dsv3Error(f"model directory {model_dir} does not exist; give a folder holding config.json and "
                         "safetensors")
+    if not os.path.isfile(os.path.join(model_dir, TOKENIZER_FILE)):  # checked before the weights are read
+        raise Dsv3Error(f"{model_dir} has no {TOKENIZER_FILE}; copy in the tokenizer the model was trained with "
+                        "(a model directory needs one; only --preset models use the byte-level stand-in)")
+    tokenizer = Tokenizer.from_dir(model_dir)
     model = load_pretrained(model_dir, dtype).eval()
-    if os.path.isfile(os.path.join(model_dir, TOKENIZER_FILE)):
-        tokenizer = Tokenizer.from_dir(model_dir)
-        check_vocab(tokenizer, model.config)
-    elif model.config.vocab_size >= 256:
-        tokenizer = ByteTokenizer()
-    else:
-        raise Dsv3Error(f"{model_dir} has no {TOKENIZER_FILE}; add the tokenizer the model was trained with")
+    check_vocab(tokenizer, model.config)
     name = os.path.basename(os.path.normpath(os.path.abspath(model_dir)))
     return Loaded(model, tokenizer, name, model_dir)

@@ -1,16 +1,23 @@
 """Turning logits into tokens: greedy, temperature, top-k, top-p, with one seeded generator per sequence.
 
 Each sequence draws from its own `torch.Generator`, so a seeded request gives the same tokens whether it
-runs alone or batched with others. Temperature 0 means greedy (argmax).
+runs alone or batched with others. Temperature 0 means greedy (argmax), and so does any temperature below
+`MIN_TEMPERATURE`: dividing logits by a vanishing temperature would overflow to infinities, and the
+distribution it stands for is the argmax anyway. Every value is checked when the parameters are made, so a
+bad request fails on its own and never inside a batch that other requests share.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
 from dsv3.errors import InvalidValue
+
+MIN_TEMPERATURE = 1e-4  # below this, sampling is greedy (exp(logit gap / T) leaves nothing but the argmax)
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
 
 
 @dataclass
@@ -26,18 +33,20 @@ class SamplingParams:
     stop: tuple[str, ...] = field(default_factory=tuple)  # end the text before the first of these strings
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise InvalidValue("max_new_tokens", self.max_new_tokens, "must be at least 1")
+        _integer("max_new_tokens", self.max_new_tokens, 1, None, "must be an integer of at least 1")
+        _number("temperature", self.temperature, "must be a finite number >= 0 (0 is greedy)")
         if self.temperature < 0:
-            raise InvalidValue("temperature", self.temperature, "must be >= 0 (0 is greedy)")
-        if self.top_k < 0:
-            raise InvalidValue("top_k", self.top_k, "must be >= 0 (0 keeps every token)")
+            raise InvalidValue("temperature", self.temperature, "must be a finite number >= 0 (0 is greedy)")
+        _integer("top_k", self.top_k, 0, None, "must be an integer >= 0 (0 keeps every token)")
+        _number("top_p", self.top_p, "must be a number in (0, 1]")
         if not 0 < self.top_p <= 1:
-            raise InvalidValue("top_p", self.top_p, "must be in (0, 1]")
+            raise InvalidValue("top_p", self.top_p, "must be a number in (0, 1]")
+        if self.seed is not None:
+            _integer("seed", self.seed, *SEED_RANGE, f"must be an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < MIN_TEMPERATURE
 
     def generator(self) -> torch.Generator:
         """This sequence's random stream: seeded when a seed was given, otherwise from fresh entropy."""
@@ -49,11 +58,22 @@ class SamplingParams:
         return g
 
 
+def _number(name: str, value, why: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidValue(name, value, why)
+
+
+def _integer(name: str, value, low: int, high: int | None, why: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        raise InvalidValue(name, value, why)
+
+
 def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """logits [V] -> the distribution [V] (fp32) that sampling draws from: softmax(logits / T), restricted to
     the top_k most likely tokens and then to the smallest set whose mass reaches top_p, renormalised.
     Speculative decoding needs these probabilities themselves, not only a draw from them."""
-    probs = (logits.float() / params.temperature).softmax(dim=-1)
+    logits = logits.float()
+    probs = ((logits - logits.max()) / params.temperature).softmax(dim=-1)  # the largest is 0: no overflow
     if params.top_k or params.top_p < 1:
         sorted_p, order = probs.sort(descending=True)
         keep = torch.ones_like(sorted_p, dtype=torch.bool)

@@ -1,8 +1,12 @@
 """The OpenAI-compatible HTTP API: /v1/models, /v1/completions, /v1/chat/completions and /health.
 
-Every request is validated before it reaches the engine; every failure is answered in OpenAI's error
-shape. `stream: true` answers with server-sent events in OpenAI's chunk format, ending with `[DONE]`.
-A client that goes away, streaming or not, has its generation cancelled and its cache row freed.
+Every request is validated before it reaches the engine, so a request's bad values fail that request only;
+every failure is answered in OpenAI's error shape, 4xx for anything the client sent. `stream: true`
+answers with server-sent events in OpenAI's chunk format, ending with `[DONE]`. A client that goes away,
+streaming or not, has its generation cancelled and its cache row freed. With an API key, every route but
+/health wants it (the interactive docs and the OpenAPI schema included). Bodies are limited in size
+(`limits.BodyLimit`), prompts are measured before they are tokenized, and tokenizing runs off the event
+loop, so one huge prompt cannot stall everyone else's streams.
 """
 
 from __future__ import annotations
@@ -17,8 +21,10 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from dsv3.chat_template import ChatTemplate
+from dsv3.errors import InvalidValue
 from dsv3.infer import Engine, SamplingParams
 from dsv3.serve.batcher import Batcher, Event, Handle, QueueFull
+from dsv3.serve.limits import MAX_BODY_BYTES, BodyLimit
 from dsv3.serve.protocol import APIError, ChatRequest, CompletionRequest, SamplingFields
 
 try:
@@ -38,6 +44,7 @@ class ServerConfig:
     api_key: str | None = None
     max_queue: int = 64
     default_max_tokens: int = 16  # completions; chat defaults to the rest of the context
+    max_body_bytes: int = MAX_BODY_BYTES
 
 
 def create_app(engine: Engine, tokenizer, config: ServerConfig, template: ChatTemplate | None = None) -> FastAPI:
@@ -55,6 +62,7 @@ def create_app(engine: Engine, tokenizer, config: ServerConfig, template: ChatTe
     app.state.batcher = batcher
     _add_error_handlers(app)
     _add_auth(app, config)
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)  # outermost: before anything reads the body
 
     @app.get("/health")
     async def health():
@@ -106,14 +114,22 @@ def _add_error_handlers(app: FastAPI) -> None:
         return await api_error(request, APIError(exc.status_code, str(exc.detail), code=None))
 
 
+OPEN_PATHS = ("/health",)  # what answers without the API key: a liveness probe needs none
+
+
 def _add_auth(app: FastAPI, config: ServerConfig) -> None:
-    """With an API key, every /v1/ route wants 'Authorization: Bearer KEY' (compared in constant time)."""
+    """With an API key, every route but /health wants 'Authorization: Bearer KEY'. The key and the header
+    are compared as bytes in constant time: a header is bytes on the wire, whatever characters it holds."""
+    if config.api_key is None:
+        return
+    expected = config.api_key.encode("utf-8")
 
     @app.middleware("http")
     async def check_api_key(request: Request, call_next):
-        if config.api_key is not None and request.url.path.startswith("/v1/"):
-            scheme, _, key = request.headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not secrets.compare_digest(key.strip(), config.api_key):
+        if request.url.path not in OPEN_PATHS:
+            sent = next((v for k, v in request.scope["headers"] if k == b"authorization"), b"")
+            scheme, _, key = sent.partition(b" ")
+            if scheme.lower() != b"bearer" or not secrets.compare_digest(key.strip(), expected):
                 err = APIError(401, "missing or wrong API key; send 'Authorization: Bearer KEY'",
                                type="authentication_error", code="invalid_api_key")
                 return JSONResponse(err.body(), status_code=401)
@@ -129,9 +145,20 @@ class _Api:
         self.stop_ids = (tokenizer.eos_id,) if tokenizer.eos_id is not None else ()
         self.created = int(time.time())
 
+    async def encode(self, text: str, param: str, bos: bool = False) -> list[int]:
+        """Token ids of a prompt, tokenized off the event loop; one that cannot fit the context is refused
+        from its length alone, before any tokenizing."""
+        if len(text.encode("utf-8")) > self.engine.max_len * self.tokenizer.max_token_bytes:
+            raise APIError(400, f"the {param} is longer than this model's context of {self.engine.max_len} tokens "
+                           "could hold; shorten it", code="context_length_exceeded", param=param)
+        return await asyncio.to_thread(self.tokenizer.encode, text, bos)
+
     async def completions(self, body: CompletionRequest, request: Request):
         vocab = self.engine.model.config.vocab_size
-        prompt = self.tokenizer.encode(body.prompt, bos=True) if isinstance(body.prompt, str) else list(body.prompt)
+        if isinstance(body.prompt, str):
+            prompt = await self.encode(body.prompt, "prompt", bos=True)
+        else:
+            prompt = list(body.prompt)
         if not all(0 <= t < vocab for t in prompt):
             raise APIError(400, f"prompt token ids must lie in [0, {vocab})", param="prompt")
         handle = self.submit(body, prompt, body.max_tokens or self.config.default_max_tokens, "prompt")
@@ -154,7 +181,7 @@ class _Api:
             text = self.template.render(messages, add_generation_prompt=True)
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None
-        prompt = self.tokenizer.encode(text)
+        prompt = await self.encode(text, "messages")
         max_tokens = body.max_completion_tokens or body.max_tokens or max(self.engine.max_len - len(prompt), 1)
         handle = self.submit(body, prompt, max_tokens, "messages")
         rid = "chatcmpl-" + uuid.uuid4().hex
@@ -183,9 +210,13 @@ class _Api:
             raise APIError(400, f"this model's context holds {max_len} tokens, but the prompt has "
                            f"{len(prompt)} and {max_tokens} more were requested; shorten the prompt or lower "
                            "max_tokens", code="context_length_exceeded", param=prompt_param)
-        params = SamplingParams(max_new_tokens=max_tokens, temperature=body.temperature, top_k=max(body.top_k, 0),
-                                top_p=body.top_p, seed=body.seed, stop_token_ids=self.stop_ids,
-                                stop=body.stop_strings())
+        try:
+            params = SamplingParams(max_new_tokens=max_tokens, temperature=body.temperature,
+                                    top_k=max(body.top_k, 0), top_p=body.top_p, seed=body.seed,
+                                    stop_token_ids=self.stop_ids, stop=body.stop_strings())
+        except InvalidValue as e:  # the protocol's own checks should have caught it: still the client's value
+            raise APIError(400, f"invalid value for '{e.field}': {e.value!r} {e.why}", code="invalid_value",
+                           param=e.field) from None
         try:
             return self.batcher.submit(prompt, params)
         except QueueFull as e:

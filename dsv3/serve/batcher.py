@@ -115,7 +115,10 @@ class Batcher:
                 h = self._live.get(seq)
                 if h is not None:
                     _, text = seq.take()
-                    self._post(h, Event(text, len(seq.tokens), seq.finish_reason))
+                    if seq.finish_reason == "error":  # this request alone failed; the others go on
+                        self._post(h, Event("", len(seq.tokens), error=seq.error))
+                    else:
+                        self._post(h, Event(text, len(seq.tokens), seq.finish_reason))
         self._take_inbox()
         self._fail_all("the server is shutting down")
 

@@ -9,7 +9,21 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from dsv3.infer.sampling import SEED_RANGE
+
+
+def _utf8(text: str) -> str:
+    """JSON can spell a lone surrogate (\\ud800) that no UTF-8 text holds: refuse it as a bad value."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("holds a lone surrogate (\\ud800-\\udfff), which is not text; send valid Unicode") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_utf8)]
 
 
 class APIError(Exception):
@@ -42,8 +56,8 @@ class SamplingFields(BaseModel):
     n: Annotated[int, Field(ge=1, le=1)] = 1  # one choice per request; ask again for more
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
-    seed: int | None = None
+    stop: Text | Annotated[list[Text], Field(max_length=4)] | None = None
+    seed: Annotated[int, Field(ge=SEED_RANGE[0], le=SEED_RANGE[1])] | None = None
 
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -52,20 +66,20 @@ class SamplingFields(BaseModel):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: Annotated[str, Field(min_length=1)] | Annotated[list[int], Field(min_length=1)]
+    prompt: Annotated[Text, Field(min_length=1)] | Annotated[list[int], Field(min_length=1)]
     echo: Literal[False] = False  # echoing the prompt is not implemented
 
 
 class TextPart(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
     role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart]
+    content: Text | list[TextPart]
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)

@@ -20,8 +20,9 @@ from dsv3.data.dataset import MANIFEST
 from dsv3.data.prepare import prepare
 from dsv3.errors import Dsv3Error
 from dsv3.flops import flops_per_token
-from dsv3.hardware import measure_matmul_peak
+from dsv3.hardware import check_memory, measure_matmul_peak, usable_device
 from dsv3.model import DeepSeekV3
+from dsv3.plan import single_process_training_bytes
 from dsv3.train.balance import max_vio, relative_loads
 from dsv3.train.budget import TimeBudget
 from dsv3.train.config import TrainConfig
@@ -63,7 +64,10 @@ class Trainer:
         self._log = log
         self.run_dir = RunDir(cfg.out)
         self.model_cfg = cfg.model()
-        self.device = torch.device(cfg.device)
+        self.device = usable_device(cfg.device)
+        check_memory(single_process_training_bytes(self.model_cfg, cfg.batch_size, cfg.seq_len),
+                     f"training this model with batches of {cfg.batch_size} x {cfg.seq_len} tokens", self.device,
+                     hint="use a smaller model, --batch-size or --seq-len (--grad-accum keeps the tokens per step)")
         self.run_dir.claim(resume=cfg.resume, overwrite=cfg.overwrite)
         self.info = self._prepare_data()
         check_vocab(self.info, self.model_cfg)
