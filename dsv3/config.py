@@ -20,6 +20,8 @@ from typing import Any
 from dsv3.errors import ConfigError
 
 SCORING_FUNCS = ("sigmoid", "softmax")
+_YARN_NUMBERS = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
+                 "attention_factor")
 _POSITIVE_INTS = (
     "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
     "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "n_routed_experts",
@@ -173,10 +175,12 @@ class ModelConfig:
             raise self._bad("qk_rope_head_dim", "must be even: RoPE rotates pairs of dimensions")
         if self.first_k_dense_replace > self.num_hidden_layers:
             raise self._bad("first_k_dense_replace", f"exceeds num_hidden_layers={self.num_hidden_layers}")
-        for name, low in (("rms_norm_eps", 0), ("routed_scaling_factor", 0)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > low:
+        for name in ("rms_norm_eps", "routed_scaling_factor"):
+            if not _finite(getattr(self, name)) or not getattr(self, name) > 0:
                 raise self._bad(name, "must be a positive number")
+        for name in ("norm_topk_prob", "tie_word_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise self._bad(name, "must be true or false")
 
     def _validate_routing(self) -> None:
         if self.scoring_func not in SCORING_FUNCS:
@@ -197,11 +201,13 @@ class ModelConfig:
             raise self._bad("n_group", "leaves fewer than 2 experts per group; noaux_tc scores a group by its top 2")
 
     def _validate_rope(self) -> None:
-        theta = self.rope_theta
-        if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 1:
+        if not _finite(self.rope_theta) or not self.rope_theta > 1:
             raise self._bad("rope_theta", "must be a number greater than 1")
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
             raise self._bad("rope_scaling", "must be a mapping or null")
+        for key, value in (self.rope_scaling or {}).items():
+            if key in _YARN_NUMBERS and value is not None and not _finite(value):
+                raise ConfigError(f"config field rope_scaling.{key}={value!r} must be a finite number")
         if self.rope_type not in ("default", "yarn"):
             raise ConfigError(f"config field rope_scaling has rope type {self.rope_type!r}; only yarn is supported")
         if self.rope_type == "yarn":
@@ -231,9 +237,12 @@ class ModelConfig:
         """Read a Hugging Face config: a dict, a config.json path, or a model directory."""
         if not isinstance(source, dict):
             source = _read_config_json(source)
-        d = copy.deepcopy(source)
+        try:
+            d = copy.deepcopy(source)
+        except RecursionError:
+            raise ConfigError("the config is nested too deeply to be a model configuration") from None
         model_type = d.get("model_type", "deepseek_v3")
-        if model_type not in _HF_DEFAULTS:
+        if not isinstance(model_type, str) or model_type not in _HF_DEFAULTS:
             raise ConfigError(
                 f"config field model_type={model_type!r} is not a DeepSeek model; expected deepseek_v3 or deepseek_v2"
             )
@@ -306,6 +315,10 @@ class ModelConfig:
         atomic_write_text(path, json.dumps(self.to_hf(), indent=2) + "\n")
 
 
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     """YaRN's attention temperature 0.1 * m * ln(s) + 1 for a context stretched s times (1 when not stretched)."""
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
@@ -340,6 +353,10 @@ _HF_DEFAULTS: dict[str, dict[str, Any]] = {
 # fmt: on
 
 
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number; write a finite value")
+
+
 def _read_config_json(path: str | os.PathLike) -> dict[str, Any]:
     path = os.fspath(path)
     if os.path.isdir(path):
@@ -348,9 +365,11 @@ def _read_config_json(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"no config file at {path}; pass a config.json or a model directory that has one")
     try:
         with open(path, encoding="utf-8") as f:
-            d = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            d = json.load(f, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, NaN/Infinity, or absurdly nested
         raise ConfigError(f"{path} is not valid JSON ({e}); fix or regenerate the file") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read {path} ({e.strerror or e}); check the path and its permissions") from None
     if not isinstance(d, dict):
         raise ConfigError(f"{path} must hold a JSON object, not {type(d).__name__}")
     return d

@@ -45,13 +45,13 @@ def mfu_from_run(run_dir: str | os.PathLike) -> float:
     if not os.path.isfile(path):
         raise Dsv3Error(f"no metrics.jsonl in {os.fspath(run_dir)}; pass the directory a training run wrote")
     values = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
+                record = json.loads(line.decode("utf-8"))
+            except (ValueError, RecursionError):  # not UTF-8 or not JSON
                 raise Dsv3Error(f"{path} line {lineno} is not JSON; fix or remove that line") from None
             if isinstance(record, dict) and record.get("mfu") is not None:
                 values.append(record["mfu"])

@@ -48,12 +48,16 @@ class SafetensorsFile:
                 raise CheckpointError(f"{path} is truncated or not a safetensors file; re-download or re-convert it")
             try:
                 header = json.loads(f.read(n))
-            except (json.JSONDecodeError, UnicodeDecodeError):
+            except (ValueError, RecursionError):  # not UTF-8, not JSON, or nested past any real header
                 raise CheckpointError(f"{path} has a corrupt header; re-download or re-convert it") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{path} has a corrupt header (not a JSON object); re-download or re-convert it")
         header.pop("__metadata__", None)
         self.data_start = 8 + n
+        end = 0
+        for key, e in header.items():
+            end = max(end, _check_entry(path, key, e))
         self.entries = header
-        end = max((e["data_offsets"][1] for e in header.values()), default=0)
         if self.data_start + end > size:
             raise CheckpointError(f"{path} is truncated (its header promises {self.data_start + end} bytes, the file "
                                   f"has {size}); re-download or re-convert it")  # fmt: skip
@@ -81,6 +85,30 @@ class SafetensorsFile:
         return out
 
 
+def _check_entry(path: str, key: str, e: object) -> int:
+    """One header entry {dtype, shape, data_offsets} as the format defines it; returns where its bytes end.
+    Anything else (missing fields, wrong types, offsets that disagree with the shape) names the tensor."""
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"tensor {key} in {path} has a corrupt header entry ({why}); re-download or "
+                               "re-convert the checkpoint")
+
+    if not isinstance(e, dict) or not {"dtype", "shape", "data_offsets"} <= set(e):
+        raise bad("it needs dtype, shape and data_offsets")
+    dtype, shape, offsets = e["dtype"], e["shape"], e["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise bad(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                              for d in shape):
+        raise bad(f"shape {shape!r} is not a list of sizes")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]):
+        raise bad(f"data_offsets {offsets!r} is not a [start, end] pair")
+    if offsets[1] - offsets[0] != nbytes(shape, DTYPES[dtype]):
+        raise bad(f"its {offsets[1] - offsets[0]} bytes do not hold a {dtype} tensor of shape {shape}")
+    return offsets[1]
+
+
 class CheckpointReader:
     """The tensors of a checkpoint directory (or of one .safetensors file), by name."""
 
@@ -93,13 +121,8 @@ class CheckpointReader:
             self.directory = path
             index = os.path.join(path, INDEX)
             if os.path.exists(index):
-                try:
-                    with open(index, encoding="utf-8") as f:
-                        weight_map = json.load(f)["weight_map"]
-                except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
-                    raise CheckpointError(f"{index} is not a valid index ({e!r}); regenerate it") from None
-                self._file_of = dict(weight_map)
-                files = sorted(set(weight_map.values()))
+                self._file_of = _read_index(index)
+                files = sorted(set(self._file_of.values()))
             elif os.path.exists(os.path.join(path, SINGLE)):
                 files, self._file_of = [SINGLE], None
             else:
@@ -141,6 +164,25 @@ class CheckpointReader:
     def get(self, key: str) -> torch.Tensor:
         """A copy of the tensor, read from the memory-mapped file."""
         return self._handles[self._file_of[key]].get(key)
+
+
+def _read_index(index: str) -> dict[str, str]:
+    """The weight map of model.safetensors.index.json: tensor name -> a shard file in the same folder."""
+    try:
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
+        raise CheckpointError(f"{index} is not a valid index ({type(e).__name__}: {e}); regenerate it") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                   for k, v in weight_map.items()):
+        raise CheckpointError(f"{index} is not a valid index (its weight_map must map names to file names); "
+                              "regenerate it")
+    for name in set(weight_map.values()):
+        # a shard lives in the model folder itself: a path out of it (../x, /x, sub/x) is refused
+        if name != os.path.basename(name) or name in ("", ".", "..") or not name.endswith(".safetensors"):
+            raise CheckpointError(f"{index} names the shard {name!r}, which is not a .safetensors file in the "
+                                  "model folder; fix or regenerate the index")
+    return dict(weight_map)
 
 
 def parse_size(size: int | str) -> int:

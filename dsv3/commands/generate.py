@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     tok = loaded.tokenizer
     stop_ids = (tok.eos_id,) if tok.eos_id is not None else ()
     params = options.sampling_params(args, stop_ids)
-    prompt = tok.encode(args.prompt, bos=True)
+    prompt = tok.encode(options.text_argument(args.prompt, "the prompt"), bos=True)
     try:
         seq = engine.add(prompt, params)
     except ValueError as e:

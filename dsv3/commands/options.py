@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 
 from dsv3.config import PRESETS, ModelConfig, preset
-from dsv3.errors import Dsv3Error
+from dsv3.errors import Dsv3Error, InvalidValue
 
 
 # ----- a configuration -------------------------------------------------------------------------------------
@@ -65,10 +65,16 @@ def load_model(args: argparse.Namespace):
     import torch
 
     from dsv3.infer.loading import load
+    from dsv3.infer.sampling import SEED_RANGE
 
-    if args.threads:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise InvalidValue("threads", args.threads, "must be at least 1")
         torch.set_num_threads(args.threads)
-    loaded = load(args.model, args.preset, args.dtype, seed=getattr(args, "seed", 0))
+    seed = getattr(args, "seed", 0)
+    if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:  # it seeds a preset's weights too, before any sampling
+        raise InvalidValue("seed", seed, f"must be an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]")
+    loaded = load(args.model, args.preset, args.dtype, seed=seed)
     if args.speculative and not len(loaded.model.mtp):
         raise Dsv3Error(f"--speculative mtp needs a model with an MTP module; {loaded.name} has none")
     return loaded
@@ -91,6 +97,16 @@ def add_sampling(parser: argparse.ArgumentParser, temperature: float) -> None:
     parser.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (default: 1)")
     parser.add_argument("--seed", type=int, default=0, metavar="S", help="sampling seed, and a preset's weights")
     parser.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop before TEXT (repeatable)")
+
+
+def text_argument(text: str, what: str) -> str:
+    """Text from the command line or a terminal as the program received it: bytes that are not UTF-8 come in
+    as lone surrogates, which no tokenizer can encode; say so instead."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise Dsv3Error(f"{what} is not valid UTF-8 text; check the terminal's or the file's encoding") from None
+    return text
 
 
 def sampling_params(args: argparse.Namespace, stop_token_ids: tuple[int, ...]):

@@ -39,13 +39,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.tokenizer and args.vocab_size:
+    if args.tokenizer and args.vocab_size is not None:
         raise Dsv3Error("give --vocab-size (to train a tokenizer) or --tokenizer (to use one), not both")
     source = options.config_from_args(args)
     model = source[1] if source else None
     if model is not None and args.tokenizer:  # fail before tokenizing anything
         check_vocab(Tokenizer.from_file(args.tokenizer), model)
-    vocab_size = args.vocab_size or (model.vocab_size if model is not None else DEFAULT_VOCAB)
+    vocab_size = args.vocab_size if args.vocab_size is not None else model.vocab_size if model else DEFAULT_VOCAB
     info = prepare(args.sources, args.out, vocab_size=vocab_size, tokenizer=args.tokenizer,
                    text_field=args.text_field, val_fraction=args.val_fraction, audit=args.audit,
                    overwrite=args.overwrite)

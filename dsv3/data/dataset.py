@@ -67,9 +67,23 @@ class DatasetInfo:
                 d = json.load(f)
             if d.pop("format") != FORMAT:
                 raise ValueError("unknown format")
-            return cls(path=path, **d)
-        except (OSError, ValueError, TypeError, KeyError) as e:
-            raise Dsv3Error(f"{manifest} is damaged or from another version ({e}); prepare the data again") from None
+            info = cls(path=path, **d)
+            info._check()
+            return info
+        except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
+            raise Dsv3Error(f"{manifest} is damaged or from another version ({type(e).__name__}: {e}); prepare the "
+                            "data again") from None
+
+    def _check(self) -> None:
+        """Raise (ValueError, TypeError, ...) unless the manifest has the shape this code reads."""
+        np.dtype(self.dtype)
+        for name in ("vocab_size", "eos_id", "tokens", "documents"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
+                raise ValueError(f"{name} is not an integer")
+        for split in SPLITS:
+            for shard in self.splits[split]["shards"]:
+                if shard["file"] != os.path.basename(shard["file"]) or not isinstance(shard["tokens"], int):
+                    raise ValueError(f"shard entry {shard!r} is not a file name in the folder with a token count")
 
     def save(self) -> None:
         d = {"format": FORMAT, **dataclasses.asdict(self)}

@@ -80,8 +80,9 @@ def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         if params.top_k:
             keep[params.top_k :] = False
         if params.top_p < 1:
-            # keep a token while the mass before it is still short of top_p (the most likely always stays)
+            # keep a token while the mass before it is still short of top_p
             keep &= (sorted_p.cumsum(-1) - sorted_p) < params.top_p
+        keep[0] = True  # the most likely always stays (a top_p below fp32's smallest number would keep none)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p * keep)
         probs = probs / probs.sum()
     return probs

@@ -12,6 +12,7 @@ loop, so one huge prompt cannot stall everyone else's streams.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import time
@@ -122,14 +123,18 @@ def _add_auth(app: FastAPI, config: ServerConfig) -> None:
     are compared as bytes in constant time: a header is bytes on the wire, whatever characters it holds."""
     if config.api_key is None:
         return
-    expected = config.api_key.encode("utf-8")
+    # a non-ASCII key reaches us as UTF-8 from most clients, as Latin-1 from some (http.client): accept either
+    expected = {config.api_key.encode("utf-8")}
+    with contextlib.suppress(UnicodeEncodeError):  # only a key Latin-1 can spell has a Latin-1 form
+        expected.add(config.api_key.encode("latin-1"))
 
     @app.middleware("http")
     async def check_api_key(request: Request, call_next):
         if request.url.path not in OPEN_PATHS:
             sent = next((v for k, v in request.scope["headers"] if k == b"authorization"), b"")
             scheme, _, key = sent.partition(b" ")
-            if scheme.lower() != b"bearer" or not secrets.compare_digest(key.strip(), expected):
+            matches = [secrets.compare_digest(key.strip(), e) for e in expected]  # every one, in constant time
+            if scheme.lower() != b"bearer" or not any(matches):
                 err = APIError(401, "missing or wrong API key; send 'Authorization: Bearer KEY'",
                                type="authentication_error", code="invalid_api_key")
                 return JSONResponse(err.body(), status_code=401)

@@ -162,9 +162,9 @@ def read_state(checkpoint: str) -> tuple[dict, dict[str, torch.Tensor]]:
         with open(path, encoding="utf-8") as f:
             state = json.load(f)
         tensors = load_file(os.path.join(checkpoint, STATE_TENSORS))
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read the training state in {checkpoint} ({e}); resume from an older "
-                              f"checkpoint by deleting this folder") from None
-    if state.get("format") != FORMAT:
+    except Exception as e:  # unreadable, not JSON, or a safetensors error (its own exception type)
+        raise CheckpointError(f"cannot read the training state in {checkpoint} ({type(e).__name__}: {e}); resume "
+                              "from an older checkpoint by deleting this folder") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a dsv3 training state ({FORMAT}); it cannot be resumed")
     return state, tensors

@@ -85,6 +85,8 @@ class TrainConfig:
     overwrite: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.data, (list, tuple)) or not all(isinstance(d, str) for d in self.data):
+            raise InvalidValue("data", self.data, "must be a list of paths")
         self.data = list(self.data)
         self.validate()
 
@@ -150,8 +152,13 @@ class TrainConfig:
     def from_json(cls, path: str | os.PathLike) -> TrainConfig:
         try:
             with open(path, encoding="utf-8") as f:
-                return cls.from_dict(json.load(f))
-        except (OSError, ValueError) as e:
+                d = json.load(f)
+            if not isinstance(d, dict):
+                raise ValueError("not a JSON object")
+            return cls.from_dict(d)
+        except InvalidValue as e:
+            raise Dsv3Error(f"the training config {os.fspath(path)} holds {e}; fix or remove it") from None
+        except (OSError, ValueError, TypeError, RecursionError) as e:
             raise Dsv3Error(f"cannot read the training config {os.fspath(path)} ({e}); fix or remove it") from None
 
     def replace(self, **changes: Any) -> TrainConfig:

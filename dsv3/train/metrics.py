@@ -26,17 +26,20 @@ def read_metrics(run_dir: str | os.PathLike, *, strict: bool = True) -> list[dic
     path = os.path.join(os.fspath(run_dir), METRICS)
     if not os.path.isfile(path):
         raise Dsv3Error(f"no {METRICS} in {os.fspath(run_dir)}; pass the directory of a training run")
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().split(b"\n")
+    except OSError as e:
+        raise Dsv3Error(f"cannot read {path} ({e.strerror or e}); check its permissions") from None
     records = []
     for n, line in enumerate(lines, start=1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
+        try:  # bytes that are not UTF-8, or JSON that is not a record, are not a metrics line
+            record = json.loads(line.decode("utf-8"))
             if not isinstance(record, dict) or "step" not in record:
                 raise ValueError("not a record with a step")
-        except ValueError:
+        except (ValueError, RecursionError):
             if not strict or n >= len(lines) - 1:  # the last line (the file ends with a newline when whole)
                 continue
             raise Dsv3Error(f"{path} line {n} is not a metrics record; fix or remove that line") from None

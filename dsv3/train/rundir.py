@@ -36,13 +36,26 @@ RUN_FILES = (ckpt.CHECKPOINTS, "metrics.jsonl", TRAIN_CONFIG, SUMMARY, TENSORBOA
              "model.safetensors", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json")
 
 
+# what a resumed run reads from train_state.json, and its JSON type
+_STATE_FIELDS = {"step": int, "max_steps": int, "tokens": int, "train_seconds": (int, float), "loader": dict,
+                 "train_config": dict, "tokenizer_sha256": str, "optimizer_groups": list}
+
+
 class RunDir:
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
 
     def claim(self, *, resume: bool, overwrite: bool) -> None:
-        """Refuse to mix a new run into an old one's directory, unless told to resume it or start over."""
+        """Refuse to mix a new run into an old one's directory, unless told to resume it or start over; refuse
+        to resume a directory that holds no run (a mistyped --out would otherwise start a new one)."""
+        if resume and overwrite:
+            raise Dsv3Error("--resume continues the run in --out and --overwrite deletes it; give one of them")
+        if os.path.exists(self.path) and not os.path.isdir(self.path):
+            raise Dsv3Error(f"the run directory {self.path} is a file; name a folder with --out")
         present = [n for n in RUN_FILES if os.path.exists(os.path.join(self.path, n))]
+        if resume and not present:
+            raise Dsv3Error(f"there is no training run in {self.path} to resume; check --out, or leave out --resume "
+                            "to start a new run there")
         if present and not resume:
             if not overwrite:
                 raise Dsv3Error(f"{self.path} already holds a training run; pass --resume to continue it, "
@@ -79,6 +92,10 @@ class RunDir:
         """Load checkpoint `path` into the model, the optimizer, the loader and the RNG; returns its JSON state.
         A checkpoint of another model or tokenizer is refused, naming what differs."""
         state, tensors = ckpt.read_state(path)
+        missing = [k for k, kind in _STATE_FIELDS.items() if not isinstance(state.get(k), kind)]
+        if missing or "rng.cpu" not in tensors:
+            raise Dsv3Error(f"the training state in {path} is damaged ({', '.join(missing) or 'rng.cpu'} missing or "
+                            "of the wrong type); resume from an older checkpoint by deleting this one")
         _check_same_model(ModelConfig.from_hf(path), model.config, self.path)
         if state["tokenizer_sha256"] != tokenizer_sha256:
             raise Dsv3Error(f"cannot resume {self.path}: it was trained with another tokenizer than the one of "
