@@ -29,6 +29,7 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from dsv3.errors import Dsv3Error, InvalidValue
+from dsv3.hardware import check_memory
 from dsv3.utils import atomic_write_text
 
 BOS = "<｜begin▁of▁sentence｜>"
@@ -42,6 +43,7 @@ SPECIAL_TOKENS = (BOS, EOS, PAD, USER, ASSISTANT)
 EOS_SPELLINGS = (EOS, "<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>")
 BOS_SPELLINGS = (BOS, "<|begin_of_text|>", "<s>", "<bos>")
 
+BPE_BYTES_PER_TOKEN = 96  # what the BPE trainer reserves per vocabulary entry (it tried 70.9 GB for 10^9)
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
 
@@ -89,6 +91,11 @@ class Tokenizer:
         vocabulary spends no entries on long numbers; any byte sequence stays encodable.
         """
         smallest = 256 + len(SPECIAL_TOKENS)
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size >= 2**31:
+            raise InvalidValue("vocab_size", vocab_size, "must be an integer below 2^31 (token ids are 32-bit)")
+        # the trainer sets aside a table of ~70 bytes per token up front: refuse before it aborts the process
+        check_memory(BPE_BYTES_PER_TOKEN * vocab_size, f"training a {vocab_size:,}-token tokenizer",
+                     hint="use a smaller vocabulary size")
         if vocab_size < smallest:
             raise InvalidValue("vocab_size", vocab_size, f"is too small: a byte-level BPE needs at least {smallest} "
                                f"(256 bytes + {len(SPECIAL_TOKENS)} special tokens)")

@@ -400,6 +400,9 @@ def test_absurd_sizes_are_refused_with_the_figure(tmp_path, capsys):
     assert "batches of 1000000 x 256 tokens needs about" in one_sentence(capsys, "train")
     assert main(["generate", "--preset", "v3", "hello"]) == 2
     assert "the v3 preset needs about" in one_sentence(capsys, "generate")
+    (tmp_path / "c.txt").write_text("a few words")
+    assert main(["prepare", str(tmp_path / "c.txt"), "--out", str(tmp_path / "d"), "--vocab-size", str(10**9)]) == 2
+    assert "training a 1,000,000,000-token tokenizer needs about" in one_sentence(capsys, "prepare")
 
 
 def test_no_value_is_silently_replaced(model_dir, tmp_path, capsys, monkeypatch):
