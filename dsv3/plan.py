@@ -347,12 +347,13 @@ def _stage_activations(cfg: ModelConfig, block_ids: list[int], layout: Layout, i
     return full, kept
 
 
-def single_process_training_bytes(cfg: ModelConfig, batch: int, seq_len: int) -> float:
-    """What one process training `cfg` keeps, roughly: fp32 weights, gradients and AdamW's two moments (16 bytes
-    a parameter), the activations of one micro-batch as the eager model keeps them (up to 2.5x what a fused
-    implementation would, see the module docstring) and the fp32 logits of every head with their gradients."""
+def training_bytes_per_rank(cfg: ModelConfig, batch: int, seq_len: int, ranks: int = 1) -> float:
+    """What one of `ranks` processes training `cfg` keeps, roughly: its share of the fp32 weights, gradients and
+    AdamW's two moments (16 bytes a parameter), the activations of one micro-batch of `batch` sequences as the
+    eager model keeps them (up to 2.5x what a fused implementation would, see the module docstring) and the fp32
+    logits of every head with their gradients."""
     params = sum(e.numel for e in inventory(cfg))
     layers = range(cfg.n_layers_with_mtp)
     activations = 2.5 * 2.0 * batch * seq_len * sum(block_activation_numbers(cfg, i) for i in layers)
     logits = 3 * 4.0 * batch * seq_len * cfg.vocab_size * (1 + cfg.num_nextn_predict_layers)
-    return 16.0 * params + activations + logits
+    return 16.0 * params / ranks + activations + logits

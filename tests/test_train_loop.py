@@ -205,19 +205,19 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data, monke
 def test_a_crash_in_the_middle_of_a_save_resumes_from_the_previous_checkpoint_exactly(tmp_path, data, monkeypatch,
                                                                                       finished):
     cfg = config(tmp_path, data, dtype="fp32")
-    real = ckpt.save_file
+    real = ckpt.export_model
     saves = []
 
     def dies_on_second_save(*args, **kwargs):
         saves.append(1)
         if len(saves) == 2:
-            raise KeyboardInterrupt  # the model of step 10 is written, its training state is not
+            raise KeyboardInterrupt  # the training state of step 10 is written, its model directory is not
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ckpt, "save_file", dies_on_second_save)
+    monkeypatch.setattr(ckpt, "export_model", dies_on_second_save)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, log=lambda _: None, progress=False)
-    monkeypatch.setattr(ckpt, "save_file", real)
+    monkeypatch.setattr(ckpt, "export_model", real)
     assert ckpt.latest_checkpoint(cfg.out).endswith("step-00000005")
     lines = []
     train(cfg.replace(resume=True), log=lines.append, progress=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -144,26 +145,23 @@ def _check_complete(state: dict[str, torch.Tensor], filled: set, cfg: ModelConfi
         raise CheckpointError(f"tensor {missing[0]}{more} missing from {path}; the checkpoint is incomplete")
 
 
-def hf_state(model: DeepSeekV3, *, mtp_copies: bool = True):
-    """(HF name, tensor) for every tensor of the checkpoint: one per expert, and for each MTP layer the
-    release's copies of the embedding and the output head (views, nothing is copied here)."""
-    cfg = model.config
+def hf_layout(state_keys: Iterable[str], cfg: ModelConfig) -> list[tuple[str, str, int | None]]:
+    """(HF name, our state-dict key, expert index or None) for every tensor of the checkpoint: one per
+    expert, and for each MTP layer the release's copies of the embedding and the output head."""
     L = cfg.num_hidden_layers
-    state = model.state_dict()
-    out: list[tuple[str, torch.Tensor]] = []
-    for key, value in state.items():
+    out: list[tuple[str, str, int | None]] = []
+    for key in state_keys:
         expert_names = names.expert_names(key, L, cfg.n_routed_experts)
         if expert_names is not None:
-            out += list(zip(expert_names, value.unbind(0)))
-        else:
-            hf = names.ours_to_hf(key, L)
-            if hf is None:
-                raise RuntimeError(f"no Hugging Face name for {key}")  # a gap in the name table, not user input
-            out.append((hf, value))
-    if mtp_copies:
-        for k in range(1, cfg.num_nextn_predict_layers + 1):
-            for suffix, ours in names.MTP_COPIES.items():
-                out.append((f"model.layers.{cfg.mtp_layer_index(k)}.{suffix}", state[ours]))
+            out += [(hf, key, e) for e, hf in enumerate(expert_names)]
+            continue
+        hf = names.ours_to_hf(key, L)
+        if hf is None:
+            raise RuntimeError(f"no Hugging Face name for {key}")  # a gap in the name table, not user input
+        out.append((hf, key, None))
+    for k in range(1, cfg.num_nextn_predict_layers + 1):
+        for suffix, ours in names.MTP_COPIES.items():
+            out.append((f"model.layers.{cfg.mtp_layer_index(k)}.{suffix}", ours, None))
     return out
 
 
@@ -183,37 +181,60 @@ def save_pretrained(
     otherwise), the router bias in fp32, an index even for one file, and the release's quantization_config
     in config.json. Every file is written under a temporary name and renamed.
     """
+    state = model.state_dict()
+    shapes = {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
+    write_pretrained(path, model.config, shapes, state.__getitem__, max_shard_size=max_shard_size, dtype=dtype,
+                     fp8=fp8)
+
+
+def write_pretrained(
+    path: str | os.PathLike,
+    cfg: ModelConfig,
+    shapes: dict[str, tuple[tuple[int, ...], torch.dtype]],
+    fetch: Callable[[str], torch.Tensor],
+    *,
+    max_shard_size: int | str = "5GB",
+    dtype: torch.dtype | str | None = None,
+    fp8: bool = False,
+) -> None:
+    """`save_pretrained` from any source of tensors: `shapes` gives each state-dict key's shape and dtype,
+    `fetch(key)` the whole tensor, asked for one shard's tensors at a time (a distributed checkpoint is read
+    that way, without holding the model in one process)."""
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     if isinstance(dtype, str):
         dtype = DTYPES[dtype]
     if fp8 and dtype is None:
         dtype = torch.bfloat16
-    tensors = dict(hf_state(model))
+    layout = {hf: (key, e) for hf, key, e in hf_layout(shapes, cfg)}
 
-    def final_dtype(name: str, t: torch.Tensor) -> torch.dtype:
+    def final_dtype(name: str, key: str) -> torch.dtype:
         if name.endswith("e_score_correction_bias"):
             return torch.float32
-        return dtype or t.dtype
+        return dtype or shapes[key][1]
 
-    planned = [
-        (name, fp8_nbytes(t.shape) if fp8 and names.is_fp8_in_release(name) else nbytes(t.shape, final_dtype(name, t)))
-        for name, t in tensors.items()
-    ]
+    def shape(key: str, e: int | None) -> tuple[int, ...]:
+        return shapes[key][0] if e is None else shapes[key][0][1:]
+
+    planned = [(name, fp8_nbytes(shape(key, e)) if fp8 and names.is_fp8_in_release(name)
+                else nbytes(shape(key, e), final_dtype(name, key))) for name, (key, e) in layout.items()]
 
     def materialize(shard_names):
-        out = {}
+        out, cache = {}, {}
         for name in shard_names:
-            t = tensors[name]
+            key, e = layout[name]
+            if key not in cache:
+                cache.clear()  # one stacked tensor at a time: an expert tensor's E slices are neighbours
+                cache[key] = fetch(key)
+            t = cache[key] if e is None else cache[key][e]
             if fp8 and names.is_fp8_in_release(name):
                 out[name], out[name + SCALE_SUFFIX] = quantize_blocks(t)
             else:
-                out[name] = t.detach().to("cpu", final_dtype(name, t)).clone()
+                out[name] = t.detach().to("cpu", final_dtype(name, key)).clone()
         return out
 
     write_shards(path, plan_shards(planned, max_shard_size), materialize, always_index=fp8)
-    weight_dtype = dtype or model.embed.weight.dtype
-    write_config(path, model.config, weight_dtype, fp8)
+    write_config(path, cfg, dtype or shapes["embed.weight"][1], fp8)
 
 
 def write_config(path: str, cfg: ModelConfig, dtype: torch.dtype, fp8: bool) -> None:

@@ -128,25 +128,32 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [M, d], rows sorted by expert with counts[e] rows for expert e -> [M, d]."""
-        w1, w2, w3 = self.w1, self.w2, self.w3
-        if torch.is_autocast_enabled(x.device.type):
-            # autocast does not cover grouped matmuls; cast by hand so bf16 training runs in bf16
-            dtype = torch.get_autocast_dtype(x.device.type)
-            x, w1, w2, w3 = x.to(dtype), w1.to(dtype), w2.to(dtype), w3.to(dtype)
-        # With fewer routed rows than experts (decoding a few tokens) most experts are idle, and the grouped
-        # kernel still pays per expert on the CPU: the loop over the busy ones is then the faster path.
-        busy = x.shape[0] >= counts.shape[0]
-        if self.impl == "grouped" and busy and _grouped_mm_ok(x, w1) and _grouped_mm_ok(x, w2):
-            offs = counts.cumsum(0).to(torch.int32)  # end row of each expert's block
-            h = F.silu(torch._grouped_mm(x, w1.transpose(1, 2), offs=offs)) * torch._grouped_mm(
-                x, w3.transpose(1, 2), offs=offs
-            )  # [M, I]
-            return torch._grouped_mm(h, w2.transpose(1, 2), offs=offs)  # [M, d]
-        out = []
-        for e, xe in enumerate(x.split(counts.tolist())):
-            if xe.shape[0]:  # an idle expert contributes nothing (and its weights get a zero gradient)
-                out.append(F.linear(F.silu(F.linear(xe, w1[e])) * F.linear(xe, w3[e]), w2[e]))
-        return torch.cat(out) if out else x.new_zeros(0, w2.shape[1])
+        return swiglu_experts(x, counts, self.w1, self.w2, self.w3, self.impl)
+
+
+def swiglu_experts(x: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
+                   impl: str = "grouped") -> torch.Tensor:
+    """E SwiGLU experts with weights [E, out, in] on rows x [M, d] sorted by expert (counts[e] rows for expert e)
+    -> [M, d]. The experts' computation itself, apart from where the weights live: expert parallelism calls it
+    with the experts one rank holds."""
+    if torch.is_autocast_enabled(x.device.type):
+        # autocast does not cover grouped matmuls; cast by hand so bf16 training runs in bf16
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, w1, w2, w3 = x.to(dtype), w1.to(dtype), w2.to(dtype), w3.to(dtype)
+    # With fewer routed rows than experts (decoding a few tokens) most experts are idle, and the grouped
+    # kernel still pays per expert on the CPU: the loop over the busy ones is then the faster path.
+    busy = x.shape[0] >= counts.shape[0]
+    if impl == "grouped" and busy and _grouped_mm_ok(x, w1) and _grouped_mm_ok(x, w2):
+        offs = counts.cumsum(0).to(torch.int32)  # end row of each expert's block
+        h = F.silu(torch._grouped_mm(x, w1.transpose(1, 2), offs=offs)) * torch._grouped_mm(
+            x, w3.transpose(1, 2), offs=offs
+        )  # [M, I]
+        return torch._grouped_mm(h, w2.transpose(1, 2), offs=offs)  # [M, d]
+    out = []
+    for e, xe in enumerate(x.split(counts.tolist())):
+        if xe.shape[0]:  # an idle expert contributes nothing (and its weights get a zero gradient)
+            out.append(F.linear(F.silu(F.linear(xe, w1[e])) * F.linear(xe, w3[e]), w2[e]))
+    return torch.cat(out) if out else x.new_zeros(0, w2.shape[1])
 
 
 class MoE(nn.Module):

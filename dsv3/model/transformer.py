@@ -7,6 +7,7 @@ from outside. Shapes: B batch, T tokens, d hidden size, V vocabulary.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 
 import torch
@@ -106,14 +107,22 @@ class DeepSeekV3(nn.Module):
         return self
 
     @torch.no_grad()
-    def init_weights(self, std: float = 0.006) -> None:
+    def init_weights(self, std: float = 0.006, seed: int | None = None) -> None:
         """Initialise in place (DeepSeek-V3's recipe): every projection, expert, router and embedding weight
-        ~ N(0, std); every RMSNorm weight = 1; router biases = 0. Works after `to_empty()` from the meta device."""
+        ~ N(0, std); every RMSNorm weight = 1; router biases = 0. Works after `to_empty()` from the meta device.
+
+        With `seed`, each parameter draws from its own generator, seeded by `seed` and the parameter's name: its
+        values then depend on nothing else, so a model built in parts (pipeline stages, each on its own
+        process) initialises every part exactly as the whole model would be. Without, from torch's global RNG.
+        """
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
-            else:
+            elif seed is None:
                 p.normal_(0.0, std)
+            else:
+                g = torch.Generator(device=p.device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+                p.normal_(0.0, std, generator=g)
         for name, b in self.named_buffers():
             if name.endswith("gate.bias"):
                 b.zero_()

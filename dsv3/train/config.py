@@ -20,6 +20,7 @@ from typing import Any
 
 from dsv3.config import PRESETS, ModelConfig, preset
 from dsv3.errors import Dsv3Error, InvalidValue
+from dsv3.parallel.layout import PP_SCHEDULES, Layout
 
 DTYPES = ("bf16", "fp32")
 # aux-free: DeepSeek-V3's bias update plus the complementary sequence-wise loss;
@@ -83,6 +84,11 @@ class TrainConfig:
     tensorboard: bool = True  # write event files too, when the tensorboard package is installed
     resume: bool = False
     overwrite: bool = False
+    # how the ranks of a torchrun job split the model (see dsv3.parallel.layout); dp_shard x ep x pp ranks
+    dp_shard: int = 1
+    ep: int = 1
+    pp: int = 1
+    pp_schedule: str = "1f1b"
 
     def __post_init__(self) -> None:
         if not isinstance(self.data, (list, tuple)) or not all(isinstance(d, str) for d in self.data):
@@ -120,6 +126,10 @@ class TrainConfig:
         need(self.dtype in DTYPES, "dtype", f"is not one of {', '.join(DTYPES)}")
         need(self.balance in BALANCE_MODES, "balance", f"is not one of {', '.join(BALANCE_MODES)}")
         need(self.peak_tflops is None or self.peak_tflops > 0, "peak_tflops", "must be positive")
+        for name in ("dp_shard", "ep", "pp"):
+            v = getattr(self, name)
+            need(isinstance(v, int) and not isinstance(v, bool) and v > 0, name, "must be a positive integer")
+        need(self.pp_schedule in PP_SCHEDULES, "pp_schedule", f"is not one of {', '.join(PP_SCHEDULES)}")
 
     # ----- derived ------------------------------------------------------------------------------------
     def model(self) -> ModelConfig:
@@ -133,8 +143,13 @@ class TrainConfig:
         return cfg
 
     @property
+    def layout(self) -> Layout:
+        return Layout(self.dp_shard, self.ep, self.pp, self.pp_schedule)
+
+    @property
     def tokens_per_step(self) -> int:
-        return self.batch_size * self.seq_len * self.grad_accum
+        """Tokens of one optimizer step over every data-parallel rank (batch_size is per rank)."""
+        return self.batch_size * self.seq_len * self.grad_accum * self.dp_shard * self.ep
 
     # ----- JSON ---------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -21,8 +21,10 @@ from dsv3.data.prepare import prepare
 from dsv3.errors import Dsv3Error
 from dsv3.flops import flops_per_token
 from dsv3.hardware import check_memory, measure_matmul_peak, usable_device
-from dsv3.model import DeepSeekV3
-from dsv3.plan import single_process_training_bytes
+from dsv3.parallel.build import build_model
+from dsv3.parallel.dist import Dist, world_size
+from dsv3.parallel.dist import init as init_dist
+from dsv3.plan import training_bytes_per_rank
 from dsv3.train.balance import max_vio, relative_loads
 from dsv3.train.budget import TimeBudget
 from dsv3.train.config import TrainConfig
@@ -58,43 +60,54 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool |
 
 
 class Trainer:
+    """One training run. Under torchrun every rank builds its own Trainer and runs the same loop; rank 0 alone
+    logs, writes metrics and changes the run directory (see `dsv3.parallel`)."""
+
     def __init__(self, cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool | None = None):
         self.started = time.perf_counter()
         self.cfg, self.progress = cfg, progress
         self._log = log
         self.run_dir = RunDir(cfg.out)
         self.model_cfg = cfg.model()
-        self.device = usable_device(cfg.device)
-        check_memory(single_process_training_bytes(self.model_cfg, cfg.batch_size, cfg.seq_len),
+        cfg.layout.check(self.model_cfg, world_size(), cfg.grad_accum)  # before any work, on every rank
+        self.d = init_dist(cfg.layout, usable_device(cfg.device))
+        self.device = self.d.device
+        check_memory(training_bytes_per_rank(self.model_cfg, cfg.batch_size, cfg.seq_len, self.d.world_size),
                      f"training this model with batches of {cfg.batch_size} x {cfg.seq_len} tokens", self.device,
                      hint="use a smaller model, --batch-size or --seq-len (--grad-accum keeps the tokens per step)")
-        self.run_dir.claim(resume=cfg.resume, overwrite=cfg.overwrite)
+        self.run_dir.claim(resume=cfg.resume, overwrite=cfg.overwrite, d=self.d)
         self.info = self._prepare_data()
         check_vocab(self.info, self.model_cfg)
         self.tokenizer = self.info.tokenizer()
 
         torch.manual_seed(cfg.seed)
-        self.model = DeepSeekV3(self.model_cfg).to(self.device)
-        self.model.init_weights(cfg.init_std)
+        self.model = build_model(self.model_cfg, self.d, init_std=cfg.init_std, seed=cfg.seed, bf16=cfg.dtype == "bf16")
         self.model.train()
         self.optimizer = build_optimizer(self.model, cfg)
-        self.train_step = TrainStep(self.model, self.optimizer, cfg, self.autocast, self.device)
+        self.train_step = TrainStep(self.model, self.optimizer, cfg, self.autocast, self.device, self.d)
         if cfg.balance == "aux-free" and any(g.bias is None for g in self.train_step.gates):
             raise Dsv3Error("--balance aux-free needs routers with a selection bias (topk_method noaux_tc); "
                             "this model routes without one, so use --balance aux-loss or none")
-        self.loader = TokenLoader(self.info, "train", cfg.batch_size, cfg.seq_len, cfg.seed)
+        # every rank draws the global batch, the same on all, and keeps its own rows of it
+        self.loader = TokenLoader(self.info, "train", cfg.batch_size * cfg.layout.data_parallel, cfg.seq_len, cfg.seed)
+        self.batches = _own_rows(self.loader, self.d, cfg.batch_size)
 
         self.step, self.tokens, self.train_seconds = 0, 0, 0.0
         self.max_steps = cfg.max_steps
         self.budget: TimeBudget | None = None  # set when the run is sized to cfg.time_budget
         self.last_step_s = 0.0
         resume_step = self._restore() if cfg.resume else None
-        self.metrics = MetricsLog(self.run_dir.path, resume_step=resume_step, tensorboard=cfg.tensorboard)
-        self.run_dir.write_json(TRAIN_CONFIG, cfg.to_dict())
-        self.tokenizer.save(self.run_dir.path)
+        self.metrics = MetricsLog(self.run_dir.path, resume_step=resume_step, tensorboard=cfg.tensorboard) \
+            if self.d.is_main else None
+        if self.d.is_main:
+            self.run_dir.write_json(TRAIN_CONFIG, cfg.to_dict())
+            self.tokenizer.save(self.run_dir.path)
 
         dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
-        self.peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else measure_matmul_peak(dtype, self.device)
+        peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else None
+        if peak is None and self.d.is_main:  # measured once; the ranks are assumed alike
+            peak = measure_matmul_peak(dtype, self.device)
+        self.peak = self.d.broadcast_object(peak) * self.d.world_size  # the job's
         self.flops_per_token = flops_per_token(self.model_cfg, cfg.seq_len, training=True).total
         self.last_eval: dict | None = None
         self.last_saved = self.step if resume_step else -1
@@ -102,8 +115,9 @@ class Trainer:
 
     # ----- set-up ------------------------------------------------------------------------------------
     def log(self, line: str) -> None:
-        with tqdm.external_write_mode():
-            self._log(line)
+        if self.d.is_main:
+            with tqdm.external_write_mode():
+                self._log(line)
 
     def autocast(self) -> torch.autocast:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.dtype == "bf16")
@@ -116,8 +130,11 @@ class Trainer:
             info = DatasetInfo.load(cfg.data[0])
             self.log(f"using the prepared data in {cfg.data[0]} ({human(info.tokens)} tokens)")
             return info
-        return prepare(cfg.data, cfg.data_dir, vocab_size=self.model_cfg.vocab_size, tokenizer=cfg.tokenizer,
-                       audit=cfg.audit, log=self.log, progress=self.progress)
+        if self.d.is_main:  # one rank prepares; the others read what it wrote
+            prepare(cfg.data, cfg.data_dir, vocab_size=self.model_cfg.vocab_size, tokenizer=cfg.tokenizer,
+                    audit=cfg.audit, log=self.log, progress=self.progress)
+        self.d.barrier()
+        return DatasetInfo.load(cfg.data_dir)
 
     def _restore(self) -> int:
         """Load the newest checkpoint of the run directory; returns its step (0 when there is none yet)."""
@@ -144,7 +161,7 @@ class Trainer:
         times = []
         for _ in range(PROBE_STEPS):
             t0 = time.perf_counter()
-            x, y = (t.to(self.device) for t in next(self.loader))
+            x, y = (t.to(self.device) for t in next(self.batches))
             with self.autocast():
                 out = self.model.run(x, mtp=bool(self.model.mtp))
             compute_losses(out, y, cfg, cfg.mtp_lambda).total.backward()
@@ -155,7 +172,7 @@ class Trainer:
         t0 = time.perf_counter()
         evaluate(self.model, self.info, cfg.batch_size, cfg.seq_len, cfg.batch_size, self.autocast, self.device, 0)
         eval_s = (time.perf_counter() - t0) * math.ceil(cfg.eval_windows / cfg.batch_size)
-        return step_s, eval_s
+        return self.d.broadcast_object((step_s, eval_s))  # rank 0's timing sizes every rank's run
 
     def _size_to_budget(self) -> int:
         cfg = self.cfg
@@ -190,10 +207,10 @@ class Trainer:
                 window_seconds += seconds
                 bar.update(1)
                 bar.set_postfix(loss=f"{stats.loss:.3f}")
-                last = self.step == self.max_steps or (self.budget is not None and self.budget.out_of_time(seconds))
+                last = self.step == self.max_steps or self._out_of_time(seconds)
                 if self.step % cfg.log_every == 0 or last:
                     record = self._train_record(stats, window_tokens / window_seconds)
-                    self.metrics.write(record)
+                    self._write(record)
                     self.log(train_line(record) + self._eta())
                     window_tokens, window_seconds = 0, 0.0
                 if self.step % cfg.eval_every == 0 or last:
@@ -213,12 +230,16 @@ class Trainer:
         if self.budget is None:
             return
         warmup = max(1, round(self.cfg.warmup * self.max_steps))
-        steps = self.budget.replan(self.step, self.max_steps, warmup, self.last_step_s)
+        steps = self.d.broadcast_object(self.budget.replan(self.step, self.max_steps, warmup, self.last_step_s))
         if steps is not None:
             per_step = (time.perf_counter() - self.budget.since) / (self.step - self.budget.first_step)
             self.log(f"time budget: {per_step:.2f} s per step now -> {steps} steps instead of {self.max_steps}")
             self.max_steps = bar.total = steps
             bar.refresh()
+
+    def _out_of_time(self, seconds: float) -> bool:
+        """Whether the budget ends the run after this step: rank 0's clock decides for every rank."""
+        return self.budget is not None and self.d.broadcast_object(self.budget.out_of_time(seconds))
 
     def optimizer_step(self) -> StepStats:
         """The next optimizer step at the scheduled rate, MTP weight and bias speed."""
@@ -227,10 +248,10 @@ class Trainer:
         logged = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == self.max_steps
         gamma = cfg.bias_gamma if cfg.balance == "aux-free" and progress < cfg.bias_freeze else 0.0
         try:
-            stats = self.train_step(self.loader, lr=lr_at(self.step, self.max_steps, cfg),
+            stats = self.train_step(self.batches, lr=lr_at(self.step, self.max_steps, cfg),
                                     mtp_lambda=mtp_lambda(progress, cfg), bias_gamma=gamma, accuracy=logged)
         except NonFinite as e:
-            self.metrics.close()
+            self._close_metrics()
             kept = (f"the last good checkpoint is {self.last_checkpoint}; resume from it with --resume, perhaps "
                     f"with a lower --lr" if self.last_checkpoint else "no checkpoint had been saved yet; try a lower "
                     "--lr")
@@ -261,7 +282,7 @@ class Trainer:
         cfg = self.cfg
         record = evaluate(self.model, self.info, cfg.batch_size, cfg.seq_len, cfg.eval_windows, self.autocast,
                           self.device, self.step)
-        self.metrics.write(record)
+        self._write(record)
         self.log(val_line(record))
         self.last_eval = record
 
@@ -271,8 +292,8 @@ class Trainer:
         state = {"step": self.step, "max_steps": self.max_steps, "tokens": self.tokens,
                  "train_seconds": self.train_seconds, "loader": self.loader.state_dict(),
                  "train_config": self.cfg.to_dict(), "tokenizer_sha256": self.info.tokenizer_sha256}
-        self.last_checkpoint = self.run_dir.save(self.step, self.model, self.tokenizer, self.optimizer, state,
-                                                 self.cfg.keep_last)
+        self.last_checkpoint = self.run_dir.save(self.step, self.model, self.optimizer, self.tokenizer, state,
+                                                 self.cfg.keep_last, self.d)
         self.last_saved = self.step
 
     def _finish(self) -> TrainResult:
@@ -280,19 +301,31 @@ class Trainer:
         self._save()
         if self.last_eval is None or self.last_eval["step"] != self.step:  # a finished run resumed
             self._evaluate()
-        texts = samples(self.model, self.tokenizer, cfg.samples, cfg.sample_tokens, seed=cfg.seed)
+        # every rank samples alike (the model's collectives need them all); rank 0's choice of token is kept
+        texts = samples(self.model, self.tokenizer, cfg.samples, cfg.sample_tokens, seed=cfg.seed,
+                        agree=self.d.broadcast if self.d.distributed else None)
         if texts:
             self.log("samples:")
             for text in texts:
                 self.log("  " + repr(text))
         summary = self._summary()
-        self.metrics.write({"step": self.step, "summary": summary.as_dict()})
-        self.metrics.close()
-        self.run_dir.write_json(SUMMARY, {**summary.as_dict(), "samples": texts})
+        self._write({"step": self.step, "summary": summary.as_dict()})
+        self._close_metrics()
+        if self.d.is_main:
+            self.run_dir.write_json(SUMMARY, {**summary.as_dict(), "samples": texts})
         self.log("summary:")
         for line in summary.lines():
             self.log(line)
+        self.d.close()
         return TrainResult(self.run_dir.path, summary, texts, self.last_checkpoint)
+
+    def _write(self, record: dict) -> None:
+        if self.metrics is not None:
+            self.metrics.write(record)
+
+    def _close_metrics(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
 
     def _summary(self) -> Summary:
         ev = self.last_eval or {}
@@ -304,6 +337,13 @@ class Trainer:
             dtype=self.cfg.dtype, total_flops=self.tokens * self.flops_per_token, val_loss=ev.get("val_loss"),
             val_ppl=ev.get("val_ppl"), val_mtp_acc=ev.get("val_mtp_acc"), val_maxvio=ev.get("val_maxvio"),
         )
+
+
+def _own_rows(loader: TokenLoader, d: Dist, rows: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """This data rank's `rows` sequences of each global batch the loader draws (all of it in one process)."""
+    mine = slice(d.data_rank * rows, (d.data_rank + 1) * rows)
+    for x, y in loader:
+        yield x[mine], y[mine]
 
 
 def _clock(seconds: float) -> str:

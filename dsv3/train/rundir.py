@@ -5,8 +5,9 @@
     RUN/train_config.json  RUN/metrics.jsonl  RUN/summary.json  RUN/tensorboard/  RUN/plots/
 
 A new run refuses a directory that holds one unless told to resume it or start over. What a checkpoint
-holds besides the model: AdamW's moments and steps, the RNG state, every router's bias and the loader's
-position (tensors in safetensors, the rest in JSON).
+holds besides the model: AdamW's moments and steps, the RNG state, every router's bias (sharded as the
+layout holds them, see `checkpoint.py`) and the loader's position (JSON). In a job of several ranks, rank 0
+alone changes the directory; the others wait for it.
 """
 
 from __future__ import annotations
@@ -18,12 +19,20 @@ from dataclasses import fields
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
-from dsv3.checkpoint import load_pretrained
 from dsv3.config import ModelConfig
 from dsv3.data import TokenLoader
 from dsv3.errors import Dsv3Error
 from dsv3.model import DeepSeekV3
+from dsv3.parallel.dist import Dist
+from dsv3.parallel.layout import Layout
 from dsv3.tokenizer import Tokenizer
 from dsv3.train import checkpoint as ckpt
 from dsv3.train.metrics import TENSORBOARD_DIR
@@ -38,14 +47,14 @@ RUN_FILES = (ckpt.CHECKPOINTS, "metrics.jsonl", TRAIN_CONFIG, SUMMARY, TENSORBOA
 
 # what a resumed run reads from train_state.json, and its JSON type
 _STATE_FIELDS = {"step": int, "max_steps": int, "tokens": int, "train_seconds": (int, float), "loader": dict,
-                 "train_config": dict, "tokenizer_sha256": str, "optimizer_groups": list}
+                 "train_config": dict, "tokenizer_sha256": str}
 
 
 class RunDir:
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
 
-    def claim(self, *, resume: bool, overwrite: bool) -> None:
+    def claim(self, *, resume: bool, overwrite: bool, d: Dist | None = None) -> None:
         """Refuse to mix a new run into an old one's directory, unless told to resume it or start over; refuse
         to resume a directory that holds no run (a mistyped --out would otherwise start a new one)."""
         if resume and overwrite:
@@ -56,69 +65,72 @@ class RunDir:
         if resume and not present:
             raise Dsv3Error(f"there is no training run in {self.path} to resume; check --out, or leave out --resume "
                             "to start a new run there")
-        if present and not resume:
-            if not overwrite:
-                raise Dsv3Error(f"{self.path} already holds a training run; pass --resume to continue it, "
-                                f"--overwrite to start it over, or --out DIR for a new one")
-            for name in present:
-                path = os.path.join(self.path, name)
-                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-        os.makedirs(self.path, exist_ok=True)
-        ckpt.remove_leftovers(self.path)
+        if present and not resume and not overwrite:
+            raise Dsv3Error(f"{self.path} already holds a training run; pass --resume to continue it, "
+                            f"--overwrite to start it over, or --out DIR for a new one")
+        d = d or Dist(Layout())
+        if d.is_main:
+            if present and not resume:
+                for name in present:
+                    path = os.path.join(self.path, name)
+                    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+            os.makedirs(self.path, exist_ok=True)
+            ckpt.remove_leftovers(self.path)
+        d.barrier()
 
-    def write_json(self, name: str, d: dict) -> None:
-        atomic_write_text(os.path.join(self.path, name), json.dumps(d, indent=2) + "\n")
+    def write_json(self, name: str, content: dict) -> None:
+        atomic_write_text(os.path.join(self.path, name), json.dumps(content, indent=2) + "\n")
 
     def latest(self) -> str | None:
         return ckpt.latest_checkpoint(self.path)
 
     # ----- checkpoints ---------------------------------------------------------------------------------
-    def save(self, step: int, model: DeepSeekV3, tokenizer: Tokenizer, optimizer: torch.optim.Optimizer,
-             state: dict[str, Any], keep_last: int) -> str:
-        """Checkpoint `step`: the model, the tokenizer, AdamW's state, the RNG state and the router biases
-        as tensors, and `state` (step, loader position, options, ...) as JSON. Returns its folder."""
-        tensors = ckpt.optimizer_tensors(optimizer, _param_names(model))
-        tensors["rng.cpu"] = torch.get_rng_state()
-        if model.embed.weight.device.type == "cuda":
-            tensors["rng.cuda"] = torch.cuda.get_rng_state(model.embed.weight.device)
-        for name, bias in _biases(model):
-            tensors[f"balance.{name}"] = bias.detach().cpu().clone()
-        state = {**state, "optimizer_groups": [{k: v for k, v in g.items() if k != "params"}
-                                               for g in optimizer.param_groups]}
-        return ckpt.save_checkpoint(self.path, step, model, tokenizer, tensors, state, keep_last)
+    def save(self, step: int, model: DeepSeekV3, optimizer: torch.optim.Optimizer, tokenizer: Tokenizer,
+             state: dict[str, Any], keep_last: int, d: Dist | None = None) -> str:
+        """Checkpoint `step`, every rank together: the model's and AdamW's state and the RNG, sharded as this
+        rank holds them, then (rank 0) the model directory and `state` (step, loader position, options) as
+        JSON. Returns the checkpoint's folder."""
+        d = d or Dist(Layout())
+        tmp = ckpt.begin(self.path, step, d.is_main)
+        d.barrier()
+        ckpt.save_state(tmp, _training_state(model, optimizer))
+        d.barrier()
+        if d.is_main:
+            ckpt.finish(self.path, step, tmp, model.config, tokenizer, state, keep_last)
+        d.barrier()
+        return ckpt.step_dir(self.path, step)
 
     def restore(self, path: str, model: DeepSeekV3, optimizer: torch.optim.Optimizer, loader: TokenLoader,
                 tokenizer_sha256: str) -> dict[str, Any]:
-        """Load checkpoint `path` into the model, the optimizer, the loader and the RNG; returns its JSON state.
-        A checkpoint of another model or tokenizer is refused, naming what differs."""
-        state, tensors = ckpt.read_state(path)
+        """Load checkpoint `path`, saved under any layout, into this rank's model and optimizer, the loader and
+        the RNG; returns its JSON state. A checkpoint of another model or tokenizer is refused, naming what
+        differs."""
+        state = ckpt.read_state(path)
         missing = [k for k, kind in _STATE_FIELDS.items() if not isinstance(state.get(k), kind)]
-        if missing or "rng.cpu" not in tensors:
-            raise Dsv3Error(f"the training state in {path} is damaged ({', '.join(missing) or 'rng.cpu'} missing or "
-                            "of the wrong type); resume from an older checkpoint by deleting this one")
+        if missing:
+            raise Dsv3Error(f"the training state in {path} is damaged ({', '.join(missing)} missing or of the wrong "
+                            "type); resume from an older checkpoint by deleting this one")
         _check_same_model(ModelConfig.from_hf(path), model.config, self.path)
         if state["tokenizer_sha256"] != tokenizer_sha256:
             raise Dsv3Error(f"cannot resume {self.path}: it was trained with another tokenizer than the one of "
                             f"the data it is given; resume with the same --data and --tokenizer")
-        loaded = load_pretrained(path, torch.float32)
-        model.load_state_dict(loaded.state_dict())
-        ckpt.load_optimizer(optimizer, _param_names(model), tensors, state["optimizer_groups"])
-        with torch.no_grad():
-            for name, bias in _biases(model):
-                bias.copy_(tensors[f"balance.{name}"])
+        saved = _training_state(model, optimizer)
+        ckpt.load_state(path, saved)
+        set_model_state_dict(model, saved["model"])
+        groups = get_optimizer_state_dict(model, optimizer)["param_groups"]
+        set_optimizer_state_dict(model, optimizer, {"state": saved["optim"], "param_groups": groups},
+                                 options=StateDictOptions(strict=False))  # parameters without state yet stay so
+        torch.set_rng_state(saved["rng"])
         loader.load_state_dict(state["loader"])
-        torch.set_rng_state(tensors["rng.cpu"])
-        if "rng.cuda" in tensors and torch.cuda.is_available():
-            torch.cuda.set_rng_state(tensors["rng.cuda"])
         return state
 
 
-def _param_names(model: torch.nn.Module) -> dict[int, str]:
-    return {id(p): name for name, p in model.named_parameters()}
-
-
-def _biases(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
-    return [(name, b) for name, b in model.named_buffers() if name.endswith("gate.bias")]
+def _training_state(model: DeepSeekV3, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """What a checkpoint holds for resuming: the model's state dict (router biases included), AdamW's moments
+    and step counts, and the RNG, keyed by the parameters' names so any layout maps onto any other. AdamW's
+    hyper-parameters are left out: they are the run's options."""
+    return {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)["state"],
+            "rng": torch.get_rng_state()}
 
 
 def _check_same_model(saved: ModelConfig, wanted: ModelConfig, run_dir: str) -> None:

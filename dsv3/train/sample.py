@@ -6,6 +6,8 @@ short samples from a small model take a second or two this way, and it needs not
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from dsv3.data import Tokenizer
@@ -17,8 +19,11 @@ PROMPTS = ("The ", "def ", "import ", "class ", "If the ")
 
 @torch.no_grad()
 def generate(model: DeepSeekV3, tokenizer: Tokenizer, prompt: str, max_new_tokens: int, *,
-             temperature: float = 0.8, top_k: int = 40, seed: int = 0) -> str:
-    """Continue `prompt` by sampling at most max_new_tokens tokens (stops at end-of-text); returns the text."""
+             temperature: float = 0.8, top_k: int = 40, seed: int = 0,
+             agree: Callable[[torch.Tensor], torch.Tensor] | None = None) -> str:
+    """Continue `prompt` by sampling at most max_new_tokens tokens (stops at end-of-text); returns the text.
+    `agree` maps each chosen token to the one to keep: processes that run a model together pass one that makes
+    them all keep the same, so they stop together."""
     was_training = model.training
     model.eval()
     device = model.embed.weight.device
@@ -31,6 +36,8 @@ def generate(model: DeepSeekV3, tokenizer: Tokenizer, prompt: str, max_new_token
         logits = model(ids)[0, -1].float() / temperature  # [V]
         top = logits.topk(min(top_k, logits.numel()))
         choice = top.indices[torch.multinomial(top.values.softmax(-1), 1, generator=generator)]
+        if agree is not None:
+            choice = agree(choice)
         if choice.item() == tokenizer.eos_id:
             break
         ids = torch.cat([ids, choice.view(1, 1)], dim=1)
@@ -38,6 +45,8 @@ def generate(model: DeepSeekV3, tokenizer: Tokenizer, prompt: str, max_new_token
     return tokenizer.decode(ids[0].tolist())
 
 
-def samples(model: DeepSeekV3, tokenizer: Tokenizer, n: int, max_new_tokens: int, seed: int = 0) -> list[str]:
+def samples(model: DeepSeekV3, tokenizer: Tokenizer, n: int, max_new_tokens: int, seed: int = 0,
+            agree: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[str]:
     """n samples from the built-in prompts, each with its own seed."""
-    return [generate(model, tokenizer, PROMPTS[i % len(PROMPTS)], max_new_tokens, seed=seed + i) for i in range(n)]
+    return [generate(model, tokenizer, PROMPTS[i % len(PROMPTS)], max_new_tokens, seed=seed + i, agree=agree)
+            for i in range(n)]

@@ -6,8 +6,10 @@
     -> each router's bias += gamma * sign(mean load - load), from the loads of the whole step
 
 It knows nothing of run directories, schedules or time budgets: the caller passes the learning rate, the
-MTP weight and the bias speed of this step. A distributed trainer reuses it by overriding `global_loads`
-(sum the loads over ranks, so every rank moves its biases alike) and `clip` (a norm over every shard).
+MTP weight and the bias speed of this step. Across processes (`Dist`), each data-parallel rank runs its own
+share of the batch; the expert-parallel gradients are averaged, the gradient norm is taken over every
+rank's shards, the expert loads are summed over every rank (so all move their biases alike, and MaxVio is
+the global one) and the logged losses averaged. In one process all of that is the identity.
 """
 
 from __future__ import annotations
@@ -17,8 +19,12 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from dsv3.model import DeepSeekV3
+from dsv3.parallel.dist import Dist
+from dsv3.parallel.expert import expert_stats
+from dsv3.parallel.fsdp import reduce_expert_grads
 from dsv3.train.balance import routers, update_biases
 from dsv3.train.config import TrainConfig
 from dsv3.train.losses import compute_losses
@@ -43,13 +49,16 @@ class StepStats:
     mtp_lambda: float
     bias_gamma: float
     loads: torch.Tensor | None  # [routers, E] tokens per expert over the whole step; None without MoE layers
+    ep_max_ranks: int = 0  # expert parallelism: the most ranks one token's experts were on
+    ep_sent_bytes: int = 0  # and the token rows every rank sent and received back, in bytes
 
 
 class TrainStep:
     def __init__(self, model: DeepSeekV3, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
-                 autocast: Callable[[], AbstractContextManager], device: torch.device):
+                 autocast: Callable[[], AbstractContextManager], device: torch.device, d: Dist | None = None):
         self.model, self.optimizer, self.cfg = model, optimizer, cfg
         self.autocast, self.device = autocast, device
+        self.d = d or Dist(cfg.layout)
         self.gates = routers(model)
 
     def __call__(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], *, lr: float, mtp_lambda: float,
@@ -78,24 +87,64 @@ class TrainStep:
             if out.routing:
                 counts = torch.stack([r.counts for r in out.routing + out.mtp_routing])  # [routers, E]
                 loads = counts if loads is None else loads + counts
+        reduce_expert_grads(self.model, self.d)
         grad_norm = self.clip()
         _check_finite(grad_norm, "the gradient norm")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if loads is not None:
-            loads = self.global_loads(loads)
+            loads = self.d.all_reduce(loads, "dp", "ep")  # the whole global batch's loads
             if bias_gamma:
                 update_biases(self.gates, loads, bias_gamma)
+        sums = self._mean_over_data_ranks(sums)
+        ep_ranks, ep_bytes = self._expert_stats()
         return StepStats(**{**sums, "mtp_acc": sums["mtp_acc"] if accuracy else None}, lr=lr,
-                         grad_norm=grad_norm.item(), mtp_lambda=mtp_lambda, bias_gamma=bias_gamma, loads=loads)
+                         grad_norm=grad_norm.item(), mtp_lambda=mtp_lambda, bias_gamma=bias_gamma, loads=loads,
+                         ep_max_ranks=ep_ranks, ep_sent_bytes=ep_bytes)
 
     def clip(self) -> torch.Tensor:
-        """Clip the gradient norm to cfg.grad_clip; returns the norm before clipping."""
-        return torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        """Clip the gradient norm to cfg.grad_clip; returns the norm before clipping. Across processes the norm
+        is taken over every rank's shards (each parameter element lives on one rank of its data group, and
+        the pipeline stages hold different ones)."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if not self.d.distributed:
+            return torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+        squares = torch.zeros((), dtype=torch.float64, device=self.device)
+        for p in params:
+            g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+            squares += g.double().pow(2).sum()
+        if self.d.layout.ep > 1 and self.d.layout.dp_shard > 1:
+            squares -= self._replicated_expert_squares()
+        norm = self.d.all_reduce(squares).sqrt().float()
+        coef = min(1.0, self.cfg.grad_clip / (float(norm) + 1e-6))
+        if coef < 1.0:
+            for p in params:
+                p.grad.mul_(coef)
+        return norm
 
-    def global_loads(self, loads: torch.Tensor) -> torch.Tensor:
-        """The expert loads of the whole global batch (one process: its own)."""
-        return loads
+    def _replicated_expert_squares(self) -> torch.Tensor:
+        """The dp ranks holding the same experts each count their (identical, averaged) gradients: keep one."""
+        out = torch.zeros((), dtype=torch.float64, device=self.device)
+        experts = [p for n, p in self.model.named_parameters() if ".ffn.experts." in n and p.grad is not None]
+        for p in experts:
+            out += p.grad.to_local().double().pow(2).sum()
+        return out * (1 - 1 / self.d.layout.dp_shard)
+
+    def _mean_over_data_ranks(self, sums: dict[str, float]) -> dict[str, float]:
+        if not self.d.distributed:
+            return sums
+        values = torch.tensor(list(sums.values()), dtype=torch.float64)
+        self.d.all_reduce(values, "dp", "ep")
+        return dict(zip(sums, (values / self.d.layout.data_parallel).tolist()))
+
+    def _expert_stats(self) -> tuple[int, int]:
+        ranks, sent = expert_stats(self.model)
+        if not self.d.distributed or self.d.layout.ep == 1:
+            return ranks, sent
+        t = torch.tensor([ranks], dtype=torch.int64)
+        self.d.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        s = self.d.all_reduce(torch.tensor([sent], dtype=torch.int64))
+        return int(t), int(s)
 
 
 def _check_finite(value: torch.Tensor, what: str) -> None:

@@ -1,0 +1,31 @@
+"""This rank's part of a model under a layout, made from the config alone: built on the meta device,
+materialised on the rank's device, initialised parameter by parameter from the seed (so every layout starts
+from the same weights as one process would), then parallelised from outside in torchtitan's order: expert
+parallelism, then FSDP2."""
+
+from __future__ import annotations
+
+import torch
+
+from dsv3.config import ModelConfig
+from dsv3.model import DeepSeekV3
+from dsv3.parallel.dist import Dist
+from dsv3.parallel.expert import apply_expert_parallel
+from dsv3.parallel.fsdp import apply_fsdp
+
+
+def build_model(cfg: ModelConfig, d: Dist, *, init_std: float, seed: int, bf16: bool) -> DeepSeekV3:
+    """The whole model, parallelised over the data-parallel ranks of `d` (no pipeline)."""
+    with torch.device("meta"):
+        model = DeepSeekV3(cfg)
+    model = model.to_empty(device=d.device)
+    model.init_weights(init_std, seed=seed)
+    parallelize(model, d, bf16=bf16, root=True)
+    return model
+
+
+def parallelize(model: DeepSeekV3, d: Dist, *, bf16: bool, root: bool) -> None:
+    if d.layout.ep > 1:
+        apply_expert_parallel(model, d.submesh("ep"))
+    if d.layout.data_parallel > 1:
+        apply_fsdp(model, d, bf16, root=root)
