@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"dsv3 {verb}", description=module.HELP)
     module.add_arguments(parser)
     args = parser.parse_args(rest)  # argparse itself exits 2 on usage errors
+    args.argv = rest  # for a verb that starts itself again in other processes (train --nproc)
+    if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        verb = f"{verb} (rank {os.environ['RANK']})"  # every rank's errors reach the terminal: say whose
     try:
         return int(module.run(args) or 0)
     except InvalidValue as e:  # the library names its field; say it with the flag that set it

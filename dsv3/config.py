@@ -106,6 +106,10 @@ class ModelConfig:
         """MTP module k (1-based) is layer num_hidden_layers + k - 1: its index in the checkpoint and the cache."""
         return self.num_hidden_layers + k - 1
 
+    def router_layers(self) -> list[int]:
+        """The layers with a router, in the order the model reports their routing: MoE blocks, then MTP modules."""
+        return [i for i in range(self.n_layers_with_mtp) if self.is_moe_layer(i)]
+
     @property
     def n_layers_with_mtp(self) -> int:
         """Main blocks plus MTP blocks: the layers a cache for speculative decoding holds."""

@@ -37,7 +37,7 @@ def test_bias_update_moves_towards_the_mean_load_by_gamma():
     cfg = preset("tiny")
     gate = Router(cfg)
     loads = torch.tensor([[9, 1, 4, 4, 4, 4, 3, 3]])  # mean 4
-    update_biases([gate], loads, gamma=0.001)
+    update_biases({0: gate}, loads, gamma=0.001)
     assert gate.bias.tolist() == pytest.approx([-0.001, 0.001, 0, 0, 0, 0, 0.001, 0.001])
     assert gate.bias.dtype == torch.float32
 
@@ -79,9 +79,11 @@ def test_balance_loss_gradient_pushes_scores_away_from_overloaded_experts():
 def test_routers_lists_main_layers_then_mtp_in_run_order():
     model = DeepSeekV3(preset("tiny"))
     gates = routers(model)
-    assert gates == [model.layers[1].ffn.gate, model.mtp[0].block.ffn.gate]
+    assert gates == {0: model.layers[1].ffn.gate, 1: model.mtp[0].block.ffn.gate}
     out = model.run(torch.randint(0, 512, (1, 8)), mtp=True)
     assert len(out.routing + out.mtp_routing) == len(gates)
+    model.layers[1] = torch.nn.Module()  # a pipeline rank's share keeps the whole model's numbering
+    assert routers(model) == {1: model.mtp[0].block.ffn.gate}
 
 
 def test_bias_updates_balance_a_skewed_router():
@@ -96,6 +98,6 @@ def test_bias_updates_balance_a_skewed_router():
         gate.weight[:2, 0] += 0.5  # experts 0 and 1 score high for every token
     before = max_vio(gate(x).counts).item()
     for _ in range(300):
-        update_biases([gate], gate(x).counts[None], gamma=0.002)
+        update_biases({0: gate}, gate(x).counts[None], gamma=0.002)
     after = max_vio(gate(x).counts).item()
     assert before > 1.5 and after < 0.3

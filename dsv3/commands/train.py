@@ -1,20 +1,32 @@
 """`dsv3 train`: pre-train a model with DeepSeek-V3's recipe; with no arguments, the quick start.
 
 Every flag maps onto a field of `dsv3.train.TrainConfig`; flags left out keep its defaults, or, with
---resume, the values the run was started with (its train_config.json).
+--resume, the values the run was started with (its train_config.json), except the layout flags, which
+belong to the job rather than the run: a run saved on 2 ranks resumes on 1, or on 4.
+
+Across processes it runs under torchrun (`torchrun --nproc-per-node N -m dsv3 train ...`, every rank the
+same command) or starts that job itself on this machine with `--nproc N`.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import signal
+import sys
 
 from dsv3.config import PRESETS
+from dsv3.errors import InvalidValue
+from dsv3.parallel.dist import launched
+from dsv3.parallel.layout import PP_SCHEDULES
 from dsv3.train.config import BALANCE_MODES, DTYPES, TrainConfig
 
 HELP = "pre-train a model (DeepSeek-V3's recipe: aux-loss-free balancing, MTP); no arguments: the quick start"
 
 S = argparse.SUPPRESS  # a flag left out sets nothing, so defaults come from TrainConfig or the resumed run
+LAYOUT_FIELDS = ("dp_shard", "ep", "pp", "pp_schedule")  # the job's, never taken from a resumed run
+CLI_ONLY = ("no_progress", "nproc", "argv")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,6 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _optimizer(parser.add_argument_group("optimizer (AdamW 0.9/0.95, DeepSeek-V3's schedule shape)"), d)
     _balance(parser.add_argument_group("load balancing and multi-token prediction"), d)
     _outputs(parser.add_argument_group("logging, evaluation and checkpoints"), d)
+    _processes(parser.add_argument_group("several processes (torchrun; dp-shard x ep x pp = the ranks)"), d)
 
 
 def _model_and_data(model, d: TrainConfig) -> None:
@@ -114,9 +127,22 @@ def _outputs(out, d: TrainConfig) -> None:
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _processes(procs, d: TrainConfig) -> None:
+    procs.add_argument("--nproc", type=int, metavar="N", default=None,
+                       help="start N processes on this machine, as `torchrun --standalone --nproc-per-node N` would")
+    procs.add_argument("--dp-shard", type=int, metavar="D", default=S,
+                       help="ranks that shard the weights with FSDP2 (default: the ranks --ep and --pp leave)")
+    procs.add_argument("--ep", type=int, metavar="E", default=S,
+                       help=f"expert-parallel ranks: each holds 1/E of the routed experts (default: {d.ep})")
+    procs.add_argument("--pp", type=int, metavar="P", default=S, help=f"pipeline-parallel ranks (default: {d.pp})")
+    procs.add_argument("--pp-schedule", choices=PP_SCHEDULES, default=S,
+                       help="1f1b: one stage per rank; dualpipev: two per rank in a V, the embedding, head and MTP "
+                            f"module on the first (default: {d.pp_schedule})")
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """TrainConfig from the flags given; with --resume, on top of the run's saved train_config.json."""
-    given = {k: v for k, v in vars(args).items() if k != "no_progress"}
+    given = {k: v for k, v in vars(args).items() if k not in CLI_ONLY}
     if "data" in given:
         given["data"] = list(given["data"])
     if "out" not in given:
@@ -124,7 +150,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     saved = os.path.join(given["out"], "train_config.json")
     if given.get("resume") and os.path.isfile(saved):
         base = TrainConfig.from_json(saved).to_dict()
-        base.update(overwrite=False)
+        defaults = TrainConfig().to_dict()
+        base.update(overwrite=False, **{k: defaults[k] for k in LAYOUT_FIELDS})
         return TrainConfig.from_dict({**base, **given})
     return TrainConfig.from_dict(given)
 
@@ -132,5 +159,48 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def run(args: argparse.Namespace) -> int:
     from dsv3.train import train
 
+    if args.nproc is not None:
+        return _launch(args.nproc, args.argv)
     train(config_from_args(args), progress=False if args.no_progress else None)
     return 0
+
+
+def _launch(nproc: int, argv: list[str]) -> int:
+    """Run this same command as `nproc` ranks of a torchrun job on this machine; returns the job's exit code
+    (the first failed rank's; its own error is already on stderr)."""
+    if nproc < 1:
+        raise InvalidValue("nproc", nproc, "must be a positive integer")
+    if launched():
+        raise InvalidValue("nproc", nproc, "starts a job of its own; under torchrun leave it out")
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # the ranks say what went wrong
+
+    # each rank's share of the cores, as torchrun does (it sets 1), unless the user chose
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"dsv3-{os.getpid()}",
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2)
+    try:
+        elastic_launch(config, sys.executable)("-m", "dsv3", "train", *_without_nproc(argv))
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        code = failure.exitcode
+        if code < 0:  # killed by a signal: say which, as a shell would
+            print(f"dsv3 train: rank {rank} was killed by {signal.Signals(-code).name}; the job was stopped",
+                  file=sys.stderr)
+            return 128 - code
+        return code
+    return 0
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out

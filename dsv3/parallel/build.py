@@ -12,15 +12,19 @@ from dsv3.model import DeepSeekV3
 from dsv3.parallel.dist import Dist
 from dsv3.parallel.expert import apply_expert_parallel
 from dsv3.parallel.fsdp import apply_fsdp
+from dsv3.parallel.pipeline import prune
 
 
 def build_model(cfg: ModelConfig, d: Dist, *, init_std: float, seed: int, bf16: bool) -> DeepSeekV3:
-    """The whole model, parallelised over the data-parallel ranks of `d` (no pipeline)."""
+    """This rank's model: the whole model, or with pipeline parallelism the parts of its stages (the others are
+    placeholders, see `dsv3.parallel.pipeline`), parallelised over the data-parallel ranks of `d`."""
     with torch.device("meta"):
         model = DeepSeekV3(cfg)
+    if d.layout.pp > 1:
+        prune(model, d.layout, d.pp_rank)
     model = model.to_empty(device=d.device)
     model.init_weights(init_std, seed=seed)
-    parallelize(model, d, bf16=bf16, root=True)
+    parallelize(model, d, bf16=bf16, root=d.layout.pp == 1)
     return model
 
 

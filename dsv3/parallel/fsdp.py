@@ -39,7 +39,7 @@ def apply_fsdp(model: nn.Module, d: Dist, bf16: bool, *, root: bool = True) -> N
             units.append(m.norm)
         if isinstance(m, (Block, MTPModule)):
             units.append(m)
-    units += [getattr(model, name) for name in ("embed", "norm", "head") if hasattr(model, name)]
+    units += [m for m in (getattr(model, name, None) for name in ("embed", "norm", "head")) if m is not None]
     for unit in units:
         if any(p not in expert_params for p in unit.parameters()):
             fully_shard(unit, mesh=data, mp_policy=mp, ignored_params=expert_params & set(unit.parameters()) or None)

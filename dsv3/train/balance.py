@@ -13,10 +13,13 @@ from dsv3.model import DeepSeekV3
 from dsv3.model.moe import MoE, Router, Routing
 
 
-def routers(model: DeepSeekV3) -> list[Router]:
-    """The routers in the order `run()` reports their Routing: main MoE layers, then MTP modules."""
-    blocks = [*model.layers, *(m.block for m in model.mtp)]
-    return [b.ffn.gate for b in blocks if isinstance(b.ffn, MoE)]
+def routers(model: DeepSeekV3) -> dict[int, Router]:
+    """The routers the model holds, keyed by their position in the order `run()` reports their Routing (main MoE
+    layers, then MTP modules): all of them, or a pipeline rank's share of them."""
+    cfg = model.config
+    index = {layer: i for i, layer in enumerate(cfg.router_layers())}
+    blocks = [*enumerate(model.layers), *((cfg.mtp_layer_index(k), m.block) for k, m in enumerate(model.mtp, 1))]
+    return {index[layer]: b.ffn.gate for layer, b in blocks if isinstance(getattr(b, "ffn", None), MoE)}
 
 
 def sequence_balance_loss(r: Routing, batch: int) -> torch.Tensor:
@@ -52,10 +55,12 @@ def max_vio(loads: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def update_biases(gates: list[Router], loads: torch.Tensor, gamma: float) -> None:
+def update_biases(gates: dict[int, Router], loads: torch.Tensor, gamma: float) -> None:
     """After an optimizer step: bias_i += gamma * sign(mean(c) - c_i), from each router's loads c over the
-    whole (accumulated) batch, loads [n_routers, E]. Underloaded experts become more attractive."""
-    for gate, c in zip(gates, loads.float()):
+    whole (accumulated) batch, loads [n_routers, E] (`gates` as `routers` gives them). Underloaded experts
+    become more attractive."""
+    for i, gate in gates.items():
+        c = loads[i].float()
         gate.bias += gamma * torch.sign(c.mean() - c)
 
 

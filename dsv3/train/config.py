@@ -20,6 +20,7 @@ from typing import Any
 
 from dsv3.config import PRESETS, ModelConfig, preset
 from dsv3.errors import Dsv3Error, InvalidValue
+from dsv3.parallel.dist import world_size
 from dsv3.parallel.layout import PP_SCHEDULES, Layout
 
 DTYPES = ("bf16", "fp32")
@@ -84,8 +85,9 @@ class TrainConfig:
     tensorboard: bool = True  # write event files too, when the tensorboard package is installed
     resume: bool = False
     overwrite: bool = False
-    # how the ranks of a torchrun job split the model (see dsv3.parallel.layout); dp_shard x ep x pp ranks
-    dp_shard: int = 1
+    # how the ranks of a torchrun job split the model (see dsv3.parallel.layout); dp_shard x ep x pp ranks,
+    # dp_shard None: whatever ranks ep and pp leave. A resumed run takes the layout of its new job, not the old.
+    dp_shard: int | None = None
     ep: int = 1
     pp: int = 1
     pp_schedule: str = "1f1b"
@@ -128,7 +130,8 @@ class TrainConfig:
         need(self.peak_tflops is None or self.peak_tflops > 0, "peak_tflops", "must be positive")
         for name in ("dp_shard", "ep", "pp"):
             v = getattr(self, name)
-            need(isinstance(v, int) and not isinstance(v, bool) and v > 0, name, "must be a positive integer")
+            need((v is None and name == "dp_shard") or (isinstance(v, int) and not isinstance(v, bool) and v > 0),
+                 name, "must be a positive integer")
         need(self.pp_schedule in PP_SCHEDULES, "pp_schedule", f"is not one of {', '.join(PP_SCHEDULES)}")
 
     # ----- derived ------------------------------------------------------------------------------------
@@ -144,12 +147,15 @@ class TrainConfig:
 
     @property
     def layout(self) -> Layout:
-        return Layout(self.dp_shard, self.ep, self.pp, self.pp_schedule)
+        """The layout of this job: dp_shard, when not given, is the ranks of the job over ep x pp (at least 1, so
+        that a layout that does not divide the job is refused by `Layout.check` rather than rounded)."""
+        dp_shard = self.dp_shard or max(1, world_size() // (self.ep * self.pp))
+        return Layout(dp_shard, self.ep, self.pp, self.pp_schedule)
 
     @property
     def tokens_per_step(self) -> int:
         """Tokens of one optimizer step over every data-parallel rank (batch_size is per rank)."""
-        return self.batch_size * self.seq_len * self.grad_accum * self.dp_shard * self.ep
+        return self.batch_size * self.seq_len * self.grad_accum * self.layout.data_parallel
 
     # ----- JSON ---------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -15,32 +15,37 @@ from dsv3.model import DeepSeekV3
 from dsv3.train.balance import max_vio, relative_loads
 from dsv3.train.losses import cross_entropy
 
+Forward = Callable[[torch.Tensor], tuple[tuple[torch.Tensor, ...] | None, torch.Tensor | None]]
+
 
 @torch.no_grad()
 def evaluate(model: DeepSeekV3, info: DatasetInfo, batch_size: int, seq_len: int, windows: int,
-             autocast: Callable[[], AbstractContextManager], device: torch.device, step: int) -> dict[str, Any]:
-    """A validation record: token-weighted mean losses over `windows` fixed windows of the validation split."""
+             autocast: Callable[[], AbstractContextManager], device: torch.device, step: int, *,
+             forward: Forward | None = None, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+             ) -> dict[str, Any]:
+    """A validation record: token-weighted mean losses over `windows` fixed windows of the validation split.
+
+    `forward(ids)` gives the logits of the main head and of each MTP depth (None on a process that does not
+    compute them) and the routers' loads [routers, E]; by default the whole model's. `reduce` adds up a tensor
+    over the processes that each hold part of the answer (pipeline stages); by default nothing to add."""
     was_training = model.training
     model.eval()
-    main = mtp = acc = 0.0
-    n = n_mtp = 0
+    forward = forward or (lambda ids: _whole_model(model, ids))
+    sums = torch.zeros(5, dtype=torch.float64)  # main loss, tokens, MTP loss, MTP hits, MTP tokens
     loads = None
-    use_mtp = len(model.mtp) > 0
     for x, y in eval_batches(info, batch_size, seq_len, max_windows=windows):
         x, y = x.to(device), y.to(device)
         with autocast():
-            out = model.run(x, mtp=use_mtp)
-        main += cross_entropy(out.logits, y).item() * y.numel()
-        n += y.numel()
-        if out.mtp_logits:
-            logits, target = out.mtp_logits[0], y[:, 1:]
-            mtp += cross_entropy(logits, target).item() * target.numel()
-            acc += (logits.argmax(-1) == target).sum().item()
-            n_mtp += target.numel()
-        counts = torch.stack([r.counts for r in out.routing + out.mtp_routing]) if out.routing else None
+            logits, counts = forward(x)
+        if logits is not None:
+            sums += _batch_sums(logits, y)
         if counts is not None:
             loads = counts if loads is None else loads + counts
     model.train(was_training)
+    if reduce is not None:
+        sums = reduce(sums.to(device)).cpu()
+        loads = reduce(loads) if loads is not None else None
+    main, n, mtp, acc, n_mtp = sums.tolist()
     record: dict[str, Any] = {"step": step, "val_loss": main / n, "val_ppl": math.exp(min(main / n, 50.0))}
     if n_mtp:
         record.update(val_mtp_loss=mtp / n_mtp, val_mtp_acc=acc / n_mtp)
@@ -49,3 +54,19 @@ def evaluate(model: DeepSeekV3, info: DatasetInfo, batch_size: int, seq_len: int
         record.update(val_maxvio=vio.mean().item(), val_maxvio_max=vio.max().item(),
                       val_load=relative_loads(loads))
     return record
+
+
+def _whole_model(model: DeepSeekV3, ids: torch.Tensor):
+    out = model.run(ids, mtp=len(model.mtp) > 0)
+    counts = torch.stack([r.counts for r in out.routing + out.mtp_routing]) if out.routing else None
+    return (out.logits, *out.mtp_logits), counts
+
+
+def _batch_sums(logits: tuple[torch.Tensor, ...], y: torch.Tensor) -> torch.Tensor:
+    """[main loss sum, tokens, depth-1 MTP loss sum, its top-1 hits, its tokens] of one batch."""
+    out = [cross_entropy(logits[0], y).item() * y.numel(), y.numel(), 0.0, 0.0, 0.0]
+    if len(logits) > 1:
+        target = y[:, 1:]
+        out[2:] = [cross_entropy(logits[1], target).item() * target.numel(),
+                   (logits[1].argmax(-1) == target).sum().item(), target.numel()]
+    return torch.tensor(out, dtype=torch.float64)

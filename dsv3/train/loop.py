@@ -21,6 +21,7 @@ from dsv3.data.prepare import prepare
 from dsv3.errors import Dsv3Error
 from dsv3.flops import flops_per_token
 from dsv3.hardware import check_memory, measure_matmul_peak, usable_device
+from dsv3.inventory import inventory
 from dsv3.parallel.build import build_model
 from dsv3.parallel.dist import Dist, world_size
 from dsv3.parallel.dist import init as init_dist
@@ -29,7 +30,7 @@ from dsv3.train.balance import max_vio, relative_loads
 from dsv3.train.budget import TimeBudget
 from dsv3.train.config import TrainConfig
 from dsv3.train.evaluate import evaluate
-from dsv3.train.losses import compute_losses, mtp_lambda
+from dsv3.train.losses import mtp_lambda
 from dsv3.train.metrics import MetricsLog, train_line, val_line
 from dsv3.train.optim import build_optimizer, lr_at
 from dsv3.train.rundir import SUMMARY, TRAIN_CONFIG, RunDir
@@ -85,7 +86,7 @@ class Trainer:
         self.model.train()
         self.optimizer = build_optimizer(self.model, cfg)
         self.train_step = TrainStep(self.model, self.optimizer, cfg, self.autocast, self.device, self.d)
-        if cfg.balance == "aux-free" and any(g.bias is None for g in self.train_step.gates):
+        if cfg.balance == "aux-free" and any(g.bias is None for g in self.train_step.gates.values()):
             raise Dsv3Error("--balance aux-free needs routers with a selection bias (topk_method noaux_tc); "
                             "this model routes without one, so use --balance aux-loss or none")
         # every rank draws the global batch, the same on all, and keeps its own rows of it
@@ -161,16 +162,14 @@ class Trainer:
         times = []
         for _ in range(PROBE_STEPS):
             t0 = time.perf_counter()
-            x, y = (t.to(self.device) for t in next(self.batches))
-            with self.autocast():
-                out = self.model.run(x, mtp=bool(self.model.mtp))
-            compute_losses(out, y, cfg, cfg.mtp_lambda).total.backward()
+            self.train_step.accumulate(self.batches, cfg.mtp_lambda, accuracy=False)
             self.optimizer.zero_grad(set_to_none=True)
             times.append(time.perf_counter() - t0)
         self.loader.load_state_dict(position)
-        step_s = sum(times[1:]) / (len(times) - 1) * cfg.grad_accum
+        self.train_step.forget_statistics()
+        step_s = sum(times[1:]) / (len(times) - 1)
         t0 = time.perf_counter()
-        evaluate(self.model, self.info, cfg.batch_size, cfg.seq_len, cfg.batch_size, self.autocast, self.device, 0)
+        self._run_evaluation(cfg.batch_size, 0)
         eval_s = (time.perf_counter() - t0) * math.ceil(cfg.eval_windows / cfg.batch_size)
         return self.d.broadcast_object((step_s, eval_s))  # rank 0's timing sizes every rank's run
 
@@ -188,10 +187,11 @@ class Trainer:
         cfg = self.cfg
         if self.max_steps is None:
             self.max_steps = self._size_to_budget()
-        n_params = sum(p.numel() for p in self.model.parameters())
-        self.log(f"training {n_params / 1e6:.1f}M parameters ({cfg.dtype}, balance {cfg.balance}, "
-                 f"MTP {'on' if self.model.mtp else 'off'}) for {self.max_steps} steps of {cfg.tokens_per_step:,} "
-                 f"tokens into {self.run_dir.path}; matmul peak {self.peak / 1e12:.3g} TFLOP/s")
+        n_params = sum(e.numel for e in inventory(self.model_cfg) if not e.fp32)  # the router biases are not
+        mtp = "on" if self.model_cfg.num_nextn_predict_layers else "off"
+        self.log(f"training {n_params / 1e6:.1f}M parameters ({cfg.dtype}, balance {cfg.balance}, MTP {mtp}) for "
+                 f"{self.max_steps} steps of {cfg.tokens_per_step:,} tokens into {self.run_dir.path}"
+                 f"{self._layout_words()}; matmul peak {self.peak / 1e12:.3g} TFLOP/s")
         bar = tqdm(total=self.max_steps, initial=self.step, desc="training", unit="step", dynamic_ncols=True,
                    disable=None if self.progress is None else not self.progress)
         window_tokens, window_seconds = 0, 0.0
@@ -225,6 +225,13 @@ class Trainer:
         if self.step < self.max_steps:
             self.log(f"time budget reached: stopping at step {self.step} of {self.max_steps}")
         return self._finish()
+
+    def _layout_words(self) -> str:
+        lay = self.d.layout
+        if not self.d.distributed:
+            return ""
+        pp = f" x pp {lay.pp} ({lay.pp_schedule})" if lay.pp > 1 else ""
+        return f" on {self.d.world_size} ranks (dp-shard {lay.dp_shard} x ep {lay.ep}{pp})"
 
     def _replan(self, bar: tqdm) -> None:
         if self.budget is None:
@@ -266,7 +273,7 @@ class Trainer:
 
     def _train_record(self, stats: StepStats, tokens_per_s: float) -> dict:
         record = {"step": self.step, "tokens": self.tokens, "loss": stats.loss}
-        if self.model.mtp:
+        if self.model_cfg.num_nextn_predict_layers:
             record.update(mtp_loss=stats.mtp_loss, mtp_acc=stats.mtp_acc, mtp_lambda=stats.mtp_lambda)
         record.update(lr=stats.lr, grad_norm=stats.grad_norm, tokens_per_s=tokens_per_s,
                       mfu=tokens_per_s * self.flops_per_token / self.peak, elapsed=time.perf_counter() - self.started)
@@ -274,17 +281,27 @@ class Trainer:
             vio = max_vio(stats.loads)
             record.update(balance_loss=stats.balance_loss, bias_gamma=stats.bias_gamma, maxvio=vio.mean().item(),
                           maxvio_max=vio.max().item(), load=relative_loads(stats.loads))
-            if any(g.bias is not None for g in self.train_step.gates):
-                record["bias"] = [[round(v, 5) for v in g.bias.tolist()] for g in self.train_step.gates]
+            biases = self.train_step.biases()
+            if biases is not None:
+                record["bias"] = [[round(v, 5) for v in row] for row in biases]
+        if stats.ep_max_ranks:  # expert parallelism: how far tokens travelled, and the bytes on the wire
+            record.update(ep_max_ranks=stats.ep_max_ranks, ep_sent_bytes=stats.ep_sent_bytes)
         return record
 
     def _evaluate(self) -> None:
-        cfg = self.cfg
-        record = evaluate(self.model, self.info, cfg.batch_size, cfg.seq_len, cfg.eval_windows, self.autocast,
-                          self.device, self.step)
+        record = self._run_evaluation(self.cfg.eval_windows, self.step)
         self._write(record)
         self.log(val_line(record))
         self.last_eval = record
+
+    def _run_evaluation(self, windows: int, step: int) -> dict:
+        """Every rank evaluates the same windows (the model's collectives need them all); under pipeline
+        parallelism the stages pass them along and the pipeline ranks add up what each measured."""
+        cfg, pipeline = self.cfg, self.train_step.pipeline
+        extra = {} if pipeline is None else {"forward": pipeline.forward,
+                                             "reduce": lambda t: self.d.all_reduce(t, "pp")}
+        return evaluate(self.model, self.info, cfg.batch_size, cfg.seq_len, windows, self.autocast, self.device,
+                        step, **extra)
 
     def _save(self) -> None:
         if self.last_saved == self.step:
@@ -297,13 +314,10 @@ class Trainer:
         self.last_saved = self.step
 
     def _finish(self) -> TrainResult:
-        cfg = self.cfg
         self._save()
         if self.last_eval is None or self.last_eval["step"] != self.step:  # a finished run resumed
             self._evaluate()
-        # every rank samples alike (the model's collectives need them all); rank 0's choice of token is kept
-        texts = samples(self.model, self.tokenizer, cfg.samples, cfg.sample_tokens, seed=cfg.seed,
-                        agree=self.d.broadcast if self.d.distributed else None)
+        texts = self._samples()
         if texts:
             self.log("samples:")
             for text in texts:
@@ -318,6 +332,18 @@ class Trainer:
             self.log(line)
         self.d.close()
         return TrainResult(self.run_dir.path, summary, texts, self.last_checkpoint)
+
+    def _samples(self) -> list[str]:
+        """A few generated texts. Every rank samples alike (the model's collectives need them all) and keeps
+        rank 0's choice of token. The sampler runs the whole model: not under pipeline parallelism."""
+        cfg = self.cfg
+        if self.train_step.pipeline is not None:
+            if cfg.samples:
+                self.log(f"no samples under pipeline parallelism: generate from {self.run_dir.path} with "
+                         "`dsv3 generate --model` instead")
+            return []
+        return samples(self.model, self.tokenizer, cfg.samples, cfg.sample_tokens, seed=cfg.seed,
+                       agree=self.d.broadcast if self.d.distributed else None)
 
     def _write(self, record: dict) -> None:
         if self.metrics is not None:

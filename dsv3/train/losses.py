@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from dsv3.model import Output
+from dsv3.model.moe import Routing
 from dsv3.train.balance import aux_balance_loss, sequence_balance_loss
 from dsv3.train.config import TrainConfig
 
@@ -25,6 +26,15 @@ def mtp_lambda(progress: float, cfg: TrainConfig) -> float:
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy in fp32 of logits [..., V] against targets [...]."""
     return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten())
+
+
+def balance_loss(routing: list[Routing], batch: int, cfg: TrainConfig) -> torch.Tensor | None:
+    """alpha * the balance loss of `cfg.balance` over the routers in `routing` (None when off or no router)."""
+    if cfg.balance == "aux-free" and cfg.seq_alpha > 0 and routing:
+        return cfg.seq_alpha * sum(sequence_balance_loss(r, batch) for r in routing)
+    if cfg.balance == "aux-loss" and cfg.aux_alpha > 0 and routing:
+        return cfg.aux_alpha * sum(aux_balance_loss(r) for r in routing)
+    return None
 
 
 @dataclass
@@ -44,12 +54,7 @@ def compute_losses(out: Output, labels: torch.Tensor, cfg: TrainConfig, lam: flo
     mtp = [cross_entropy(logits, labels[:, k:]) for k, logits in enumerate(out.mtp_logits, start=1)]
     if mtp:
         total = total + lam / len(mtp) * sum(mtp)
-    balance = None
-    routing = out.routing + out.mtp_routing
-    if cfg.balance == "aux-free" and cfg.seq_alpha > 0 and routing:
-        balance = cfg.seq_alpha * sum(sequence_balance_loss(r, labels.shape[0]) for r in routing)
-    elif cfg.balance == "aux-loss" and cfg.aux_alpha > 0 and routing:
-        balance = cfg.aux_alpha * sum(aux_balance_loss(r) for r in routing)
+    balance = balance_loss(out.routing + out.mtp_routing, labels.shape[0], cfg)
     if balance is not None:
         total = total + balance
     acc = None

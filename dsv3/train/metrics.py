@@ -93,6 +93,8 @@ def train_line(r: dict[str, Any]) -> str:
               f"MFU {r['mfu']:.1%}"]
     if r.get("maxvio") is not None:
         parts.append(f"MaxVio {r['maxvio']:.2f} (max {r['maxvio_max']:.2f})")
+    if r.get("ep_max_ranks"):
+        parts.append(f"EP ranks/token {r['ep_max_ranks']}")
     return " | ".join(parts)
 
 
