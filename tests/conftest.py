@@ -6,7 +6,7 @@ import pytest
 _FIGURES: list[str] = []
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def figures() -> list[str]:
     return _FIGURES
 

@@ -172,6 +172,7 @@ def _launch(nproc: int, argv: list[str]) -> int:
         raise InvalidValue("nproc", nproc, "must be a positive integer")
     if launched():
         raise InvalidValue("nproc", nproc, "starts a job of its own; under torchrun leave it out")
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -191,6 +192,9 @@ def _launch(nproc: int, argv: list[str]) -> int:
                   file=sys.stderr)
             return 128 - code
         return code
+    except SignalException as e:  # this launcher was told to stop: its ranks have been stopped with it
+        print(f"dsv3 train: stopped by {signal.Signals(e.sigval).name}; every rank was stopped", file=sys.stderr)
+        return 128 + e.sigval
     return 0
 
 

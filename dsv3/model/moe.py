@@ -151,9 +151,12 @@ def swiglu_experts(x: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, w2: 
         return torch._grouped_mm(h, w2.transpose(1, 2), offs=offs)  # [M, d]
     out = []
     for e, xe in enumerate(x.split(counts.tolist())):
-        if xe.shape[0]:  # an idle expert contributes nothing (and its weights get a zero gradient)
+        if xe.shape[0] or (e == 0 and not x.shape[0]):
+            # an idle expert contributes nothing (and its weights get a zero gradient); with no rows at all, expert
+            # 0 still runs on none, so that the output stays in the graph of x and the weights (a rank that
+            # received no tokens must still take part in the backward exchanges of expert parallelism)
             out.append(F.linear(F.silu(F.linear(xe, w1[e])) * F.linear(xe, w3[e]), w2[e]))
-    return torch.cat(out) if out else x.new_zeros(0, w2.shape[1])
+    return torch.cat(out)
 
 
 class MoE(nn.Module):

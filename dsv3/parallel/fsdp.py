@@ -53,7 +53,7 @@ def reduce_expert_grads(model: nn.Module, d: Dist) -> None:
     """After the backward pass: average the expert-parallel gradients over every data-parallel rank. Each
     expert's gradient already sums the contributions of its expert group's ep ranks; the dp ranks holding the
     same experts add theirs here, and the sum is divided by all dp x ep ranks, as the loss is their mean."""
-    if d.layout.ep == 1:
+    if d.layout.ep == 1 or not d.distributed:
         return
     group = d.group("dp") if d.layout.dp_shard > 1 else None
     for m in model.modules():

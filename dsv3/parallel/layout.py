@@ -53,9 +53,6 @@ class Layout:
                 raise InvalidValue(name, v, "must be a positive integer")
         if self.pp_schedule not in PP_SCHEDULES:
             raise InvalidValue("pp_schedule", self.pp_schedule, f"is not one of {', '.join(PP_SCHEDULES)}")
-        if self.world_size != world_size:
-            raise InvalidValue("dp_shard", self.dp_shard, f"x ep {self.ep} x pp {self.pp} = {self.world_size} must "
-                               f"equal the {world_size} ranks of this job")
         if cfg.n_routed_experts % self.ep:
             raise InvalidValue("ep", self.ep, f"must divide the model's {cfg.n_routed_experts} routed experts")
         if cfg.n_group > 1 and cfg.n_group % self.ep:
@@ -64,6 +61,9 @@ class Layout:
         if self.n_stages > cfg.num_hidden_layers:
             raise InvalidValue("pp", self.pp, f"makes {self.n_stages} pipeline stages, more than the model's "
                                f"{cfg.num_hidden_layers} blocks")
+        if self.world_size != world_size:
+            raise InvalidValue("dp_shard", self.dp_shard, f"x ep {self.ep} x pp {self.pp} = {self.world_size} must "
+                               f"equal the {world_size} ranks of this job")
         if self.pp > 1 and grad_accum < self.n_stages:
             raise InvalidValue("grad_accum", grad_accum, f"gives the pipeline's {self.n_stages} stages fewer "
                                f"micro-batches than stages; use at least {self.n_stages}")
