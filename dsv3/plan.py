@@ -34,6 +34,7 @@ from dsv3.errors import InvalidValue
 from dsv3.hardware import GPUS, Accelerator
 from dsv3.inventory import BYTES, Entry, inventory, nbytes
 from dsv3.model.cache import bytes_per_token
+from dsv3.parallel.layout import Layout as ParallelLayout
 
 
 def _by_layer(entries: list[Entry]) -> dict[int | None, list[Entry]]:
@@ -145,7 +146,7 @@ def min_gpus_table(plan: ServePlan) -> dict[str, int]:
 
 
 @dataclass(frozen=True)
-class Layout:
+class GpuLayout:
     """How `gpus` GPUs split the training job (see the module docstring)."""
 
     gpus: int
@@ -154,13 +155,15 @@ class Layout:
     zero: int = 3  # 0: replicate; 1: shard optimizer state; 2: and gradients; 3: and weights (FSDP)
     micro_batch: int = 1  # sequences per GPU per micro-step
     seq_len: int = 4096
+    micro_batches: int = 1  # micro-steps per optimizer step (gradient accumulation, the pipeline's micro-batches)
+    pp_schedule: str = "1f1b"  # or "dualpipev": each GPU holds two stages in a V
 
     @property
     def dp(self) -> int:
         return self.gpus // self.pp
 
     def check(self, cfg: ModelConfig) -> None:
-        for name in ("gpus", "pp", "ep", "micro_batch", "seq_len"):
+        for name in ("gpus", "pp", "ep", "micro_batch", "seq_len", "micro_batches"):
             if getattr(self, name) < 1:
                 raise InvalidValue(name, getattr(self, name), "must be at least 1")
         if self.gpus % self.pp:
@@ -237,12 +240,40 @@ class StageMemory:
 
 
 @dataclass(frozen=True)
+class StageTraffic:
+    """Bytes one GPU of a pipeline stage sends per optimizer step, forward and backward passes together (ring
+    collectives: a rank sends (g-1)/g of what an all-gather or a reduce-scatter over g ranks moves)."""
+
+    all_to_all: float  # expert parallelism: each routed copy of a token to the rank of its expert, and back
+    data_parallel: float  # ZeRO / FSDP: weight all-gathers and gradient reductions
+    pipeline: float  # hidden states to the next stage, their gradients to the previous one
+
+    @property
+    def total(self) -> float:
+        return self.all_to_all + self.data_parallel + self.pipeline
+
+
+@dataclass(frozen=True)
 class TrainPlan:
     gpu: Accelerator
-    layout: Layout
+    layout: GpuLayout
     precision: TrainPrecision
     memory_utilization: float
     stages: tuple[StageMemory, ...]
+    traffic: tuple[StageTraffic, ...]  # one per stage, as `stages`
+
+    @property
+    def tokens_per_gpu(self) -> int:
+        """Tokens each data-parallel rank trains on per optimizer step."""
+        lay = self.layout
+        return lay.micro_batches * lay.micro_batch * lay.seq_len
+
+    def traffic_per_token(self) -> StageTraffic:
+        """Bytes sent over the whole job per training token: every stage's traffic (each stage has dp GPUs, which
+        share the dp x tokens_per_gpu tokens of a step)."""
+        n = self.tokens_per_gpu
+        return StageTraffic(*(sum(getattr(t, f) for t in self.traffic) / n
+                              for f in ("all_to_all", "data_parallel", "pipeline")))
 
     @property
     def usable_bytes_per_gpu(self) -> float:
@@ -256,45 +287,85 @@ class TrainPlan:
         return (worst.total_recompute if recompute else worst.total) <= self.usable_bytes_per_gpu
 
 
-def _split_blocks(n: int, parts: int) -> list[range]:
-    """n blocks into `parts` contiguous runs, the first n % parts runs one longer."""
-    out, start = [], 0
-    for p in range(parts):
-        size = n // parts + (1 if p < n % parts else 0)
-        out.append(range(start, start + size))
-        start += size
-    return out
-
-
 def plan_training(
     cfg: ModelConfig,
     gpu: Accelerator,
-    layout: Layout,
+    layout: GpuLayout,
     precision: TrainPrecision | None = None,
     *,
     memory_utilization: float = 0.9,
 ) -> TrainPlan:
-    """Per-GPU memory of every pipeline stage when training `cfg` under `layout` (see the module docstring)."""
+    """Per-GPU memory and traffic of every pipeline rank when training `cfg` under `layout` (see the module
+    docstring). With dualpipev, "stage" r is pipeline rank r, which holds the two stages r and 2P-1-r."""
     precision = precision or TrainPrecision()
     precision.check()
     layout.check(cfg)
     _check_utilization(memory_utilization)
-    L, D, pp = cfg.num_hidden_layers, cfg.num_nextn_predict_layers, layout.pp
+    D, pp = cfg.num_nextn_predict_layers, layout.pp
+    ranks = ParallelLayout(pp=pp, pp_schedule=layout.pp_schedule)
+    cut = ranks.stage_blocks(cfg.num_hidden_layers)
     layers = _by_layer(inventory(cfg))
-    stages = []
-    for s, blocks in enumerate(_split_blocks(L, pp)):
-        last = s == pp - 1
-        block_ids = list(blocks) + ([cfg.mtp_layer_index(k) for k in range(1, D + 1)] if last else [])
+    stages, traffic = [], []
+    for r in range(pp):
+        local = ranks.local_stages(r)
+        first, last = 0 in local, ranks.n_stages - 1 in local
+        block_ids = [i for s in sorted(local) for i in cut[s]]
+        block_ids += [cfg.mtp_layer_index(k) for k in range(1, D + 1)] if last else []
         groups = [layers[i] for i in block_ids]
         # the embedding on the first stage, the final norm and the head on the last
-        ends = [w for w in layers[None] if (s == 0 if w.group == "embedding" else last)]
+        ends = [w for w in layers[None] if (first if w.group == "embedding" else last)]
+        weights = [w for g in groups for w in g] + ends
         states = _stage_states(groups, ends, layout, precision)
-        activations = _stage_activations(cfg, block_ids, layout, in_flight=pp - s, logits=last)
-        stages.append(StageMemory(s, tuple(block_ids), *states, *activations))
-    return TrainPlan(gpu, layout, precision, memory_utilization, tuple(stages))
+        # 1F1B keeps pp - r micro-batches in flight on rank r; DualPipe(V) pp + 1 (DeepSeek-V3 Table 2)
+        in_flight = pp + 1 if layout.pp_schedule == "dualpipev" and pp > 1 else pp - r
+        activations = _stage_activations(cfg, block_ids, layout, in_flight=in_flight, logits=last)
+        stages.append(StageMemory(r, tuple(block_ids), *states, *activations))
+        sends = sum((s < ranks.n_stages - 1 and _owner(ranks, s + 1) != r) + (s > 0 and _owner(ranks, s - 1) != r)
+                    for s in local)
+        traffic.append(_stage_traffic(cfg, weights, block_ids, layout, precision, sends))
+    return TrainPlan(gpu, layout, precision, memory_utilization, tuple(stages), tuple(traffic))
 
 
-def _stage_states(groups: list[list[Entry]], ends: list[Entry], layout: Layout,
+def _owner(ranks: ParallelLayout, stage: int) -> int:
+    return next(r for r in range(ranks.pp) if stage in ranks.local_stages(r))
+
+
+def _stage_traffic(cfg: ModelConfig, weights: list[Entry], block_ids: list[int], layout: GpuLayout,
+                   precision: TrainPrecision, sends: int) -> StageTraffic:
+    """What one GPU holding `weights` (blocks `block_ids`) sends per optimizer step; `sends` is how many
+    stage boundaries to other pipeline ranks it sends across (hidden states forward, gradients backward)."""
+    d, tokens = cfg.hidden_size, layout.micro_batches * layout.micro_batch * layout.seq_len
+    # all-to-all: K copies of every token per MoE layer, (ep-1)/ep of them to other ranks under balanced routing;
+    # forward: dispatch (FP8 with a scale per 128 values when the matmuls are FP8, as DeepSeek sends it, else
+    # bf16) and combine (bf16); backward: both gradients in bf16
+    dispatch = 1 + 4 / 128 if precision.compute == "fp8" else 2.0
+    moe = sum(1 for i in block_ids if cfg.is_moe_layer(i))
+    off_rank = (layout.ep - 1) / layout.ep
+    all_to_all = tokens * moe * cfg.num_experts_per_tok * off_rank * d * (dispatch + 2.0 + 2.0 + 2.0)
+    # data parallel: experts over the dp / ep ranks holding the same ones, everything else over all dp
+    data_parallel = 0.0
+    for w in weights:
+        group = layout.dp // layout.ep if w.is_expert else layout.dp
+        share = (group - 1) / group * (1 / layout.ep if w.is_expert else 1.0)
+        grads = w.numel * (4 if w.fp32 else BYTES[precision.grads])
+        data_parallel += share * _dp_bytes(layout, w.nbytes(precision.compute), grads)
+    pipeline = sends * layout.micro_batches * layout.micro_batch * layout.seq_len * d * 2.0  # bf16 hidden states
+    return StageTraffic(all_to_all, data_parallel, pipeline)
+
+
+def _dp_bytes(layout: GpuLayout, compute: float, grads: float) -> float:
+    """Bytes a collective over the data-parallel group moves per step for one tensor (before the (g-1)/g share):
+    ZeRO-3 gathers the weights for the forward and again for the backward pass and reduce-scatters the gradients
+    every micro-step; ZeRO-1/2 reduce-scatter the gradients and gather the updated weights once a step; plain
+    data parallelism all-reduces the gradients (twice a reduce-scatter's bytes)."""
+    if layout.zero == 3:
+        return layout.micro_batches * (2 * compute + grads)
+    if layout.zero in (1, 2):
+        return grads + compute
+    return 2 * grads
+
+
+def _stage_states(groups: list[list[Entry]], ends: list[Entry], layout: GpuLayout,
                   precision: TrainPrecision) -> tuple[float, float, float, float]:
     """(master weights, gradients, optimizer state, working copies) in bytes per GPU of one stage holding the
     blocks `groups` and the tensors `ends`."""
@@ -333,7 +404,7 @@ def _stage_states(groups: list[list[Entry]], ends: list[Entry], layout: Layout,
     return master, grads, optimizer, working
 
 
-def _stage_activations(cfg: ModelConfig, block_ids: list[int], layout: Layout, in_flight: int,
+def _stage_activations(cfg: ModelConfig, block_ids: list[int], layout: GpuLayout, in_flight: int,
                        logits: bool) -> tuple[float, float]:
     """(without recomputation, with full recomputation) activation bytes of one stage: 1F1B keeps `in_flight`
     micro-batches (pp - s on stage s), plus the fp32 logits of every head on the last stage."""

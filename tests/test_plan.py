@@ -13,7 +13,7 @@ from dsv3.hardware import GPUS
 from dsv3.inventory import inventory, numel
 from dsv3.model.attention import AttentionContext
 from dsv3.plan import (
-    Layout,
+    GpuLayout,
     TrainPrecision,
     block_activation_numbers,
     cache_bytes_per_token,
@@ -60,32 +60,32 @@ def test_training_states_follow_the_zero_stage():
     cfg = preset("small")
     n = numel(inventory(cfg))
     fp32_bias = sum(w.numel for w in inventory(cfg) if w.fp32)
-    full = plan_training(cfg, GPUS["h100"], Layout(8, zero=0)).stages[0]
+    full = plan_training(cfg, GPUS["h100"], GpuLayout(8, zero=0)).stages[0]
     assert full.master == 4 * n and full.grads == 4 * n
     assert full.optimizer == 2 * (2 * (n - fp32_bias) + 4 * fp32_bias)  # two bf16 moments; the bias stays fp32
     for zero in (1, 2, 3):
-        s = plan_training(cfg, GPUS["h100"], Layout(8, zero=zero)).stages[0]
+        s = plan_training(cfg, GPUS["h100"], GpuLayout(8, zero=zero)).stages[0]
         assert s.optimizer == pytest.approx(full.optimizer / 8)
         assert s.grads == pytest.approx(full.grads / (8 if zero >= 2 else 1))
         assert s.master == pytest.approx(full.master / (8 if zero >= 3 else 1))
     # experts split 4 ways and then sharded over the 2 ranks holding the same experts: still 1/8 of everything
-    ep = plan_training(cfg, GPUS["h100"], Layout(8, ep=4, zero=3)).stages[0]
+    ep = plan_training(cfg, GPUS["h100"], GpuLayout(8, ep=4, zero=3)).stages[0]
     assert ep.master == pytest.approx(full.master / 8)
     # without sharding, expert parallelism alone divides only the experts
-    ep0 = plan_training(cfg, GPUS["h100"], Layout(8, ep=4, zero=0)).stages[0]
+    ep0 = plan_training(cfg, GPUS["h100"], GpuLayout(8, ep=4, zero=0)).stages[0]
     experts = sum(w.numel for w in inventory(cfg) if w.is_expert)
     assert ep0.master == pytest.approx(4 * (n - experts + experts / 4))
 
 
 def test_pipeline_stages_and_activations():
     v3 = preset("v3")
-    plan = plan_training(v3, GPUS["h800"], Layout(2048, pp=16, ep=64, zero=1), TrainPrecision(compute="fp8"))
+    plan = plan_training(v3, GPUS["h800"], GpuLayout(2048, pp=16, ep=64, zero=1), TrainPrecision(compute="fp8"))
     blocks = [i for s in plan.stages for i in s.blocks]
     assert blocks == list(range(62))  # 61 blocks, then the MTP module on the last stage
     assert all(s.activations_recompute < s.activations for s in plan.stages)
     assert plan.fits(recompute=True)
-    one = plan_training(v3, GPUS["h800"], Layout(2048, pp=16, ep=64, zero=1, micro_batch=1)).stages[1]
-    two = plan_training(v3, GPUS["h800"], Layout(2048, pp=16, ep=64, zero=1, micro_batch=2)).stages[1]
+    one = plan_training(v3, GPUS["h800"], GpuLayout(2048, pp=16, ep=64, zero=1, micro_batch=1)).stages[1]
+    two = plan_training(v3, GPUS["h800"], GpuLayout(2048, pp=16, ep=64, zero=1, micro_batch=2)).stages[1]
     assert two.activations == pytest.approx(2 * one.activations)  # a middle stage: no logits
     assert one.activations == pytest.approx(2 * 4096 * 15 * sum(block_activation_numbers(v3, i) for i in one.blocks))
 
@@ -119,11 +119,11 @@ def test_activation_estimate_against_what_the_eager_model_keeps():
 def test_layout_errors_name_the_field():
     v3 = preset("v3")
     with pytest.raises(InvalidValue, match="gpus=10 must be a multiple of the 4 pipeline stages"):
-        plan_training(v3, GPUS["h800"], Layout(10, pp=4))
+        plan_training(v3, GPUS["h800"], GpuLayout(10, pp=4))
     with pytest.raises(InvalidValue, match="ep=3 must divide"):
-        plan_training(v3, GPUS["h800"], Layout(12, ep=3))
+        plan_training(v3, GPUS["h800"], GpuLayout(12, ep=3))
     with pytest.raises(InvalidValue, match="ep=512 must divide the model's 256 routed experts"):
-        plan_training(v3, GPUS["h800"], Layout(1024, ep=512))
+        plan_training(v3, GPUS["h800"], GpuLayout(1024, ep=512))
     with pytest.raises(InvalidValue, match="memory_utilization=1.5"):
         plan_serving(v3, GPUS["h200"], 8, memory_utilization=1.5)
 
@@ -176,3 +176,48 @@ def test_cli_bad_input_exits_2(args, message, capsys):
     assert main(["plan", *args]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_traffic_per_step_by_hand():
+    """The bytes each GPU sends, recomputed here from the config: the all-to-all from K copies per token and
+    MoE layer, plain data parallelism from the gradients, and the pipeline boundaries each schedule crosses."""
+    tiny = preset("tiny")  # 2 blocks (1 dense, 1 MoE) and 1 MTP module (MoE): 2 routers
+    lay = GpuLayout(4, ep=2, zero=0, micro_batch=2, seq_len=32, micro_batches=4)
+    t = plan_training(tiny, GPUS["h100"], lay).traffic[0]
+    tokens, d, K = 4 * 2 * 32, tiny.hidden_size, tiny.num_experts_per_tok
+    assert t.all_to_all == pytest.approx(tokens * 2 * K * (1 / 2) * d * (2 + 2 + 2 + 2))
+    entries = inventory(tiny)
+    dense = sum(4 * e.numel for e in entries if not e.is_expert)  # fp32 gradients, all-reduced over 4 ranks
+    experts = sum(4 * e.numel for e in entries if e.is_expert) / 2  # this rank's half, over the 2 holding it
+    assert t.data_parallel == pytest.approx(2 * (3 / 4) * dense + 2 * (1 / 2) * experts)
+    assert t.pipeline == 0
+    hidden = 4 * 2 * 32 * d * 2.0  # bf16 hidden states of every micro-batch
+    cfg4 = tiny.replace(num_hidden_layers=4)
+    for schedule, sends in (("1f1b", [1, 1]), ("dualpipev", [2, 2])):
+        plan = plan_training(cfg4, GPUS["h100"], GpuLayout(2, pp=2, micro_batch=2, seq_len=32, micro_batches=4,
+                                                           pp_schedule=schedule))
+        assert [t.pipeline for t in plan.traffic] == [n * hidden for n in sends]
+    v = plan_training(cfg4, GPUS["h100"], GpuLayout(2, pp=2, micro_batches=4, pp_schedule="dualpipev"))
+    assert v.stages[0].blocks == (0, 3, 4)  # stages 0 and 3 of 4, and the MTP module, beside the embedding
+
+
+def test_deepseek_v3_published_layout_fits_with_recomputation_and_its_all_to_all_per_token():
+    v3 = preset("v3")
+    lay = GpuLayout(2048, pp=16, ep=64, zero=1, micro_batches=120)
+    plan = plan_training(v3, GPUS["h800"], lay, TrainPrecision(compute="fp8"))
+    assert plan.fits(recompute=True) and not plan.fits(recompute=False)
+    moe_layers = v3.num_hidden_layers - v3.first_k_dense_replace + v3.num_nextn_predict_layers  # 58 + 1 MTP
+    copy = v3.hidden_size * ((1 + 4 / 128) + 2 + 2 + 2)  # FP8 dispatch, bf16 combine, both gradients bf16
+    per_token = moe_layers * v3.num_experts_per_tok * (63 / 64) * copy
+    assert plan.traffic_per_token().all_to_all == pytest.approx(per_token)
+    assert 20e6 < per_token < 25e6  # ~23 MB per token: the all-to-all dwarfs ZeRO-1's and the pipeline's traffic
+    assert plan.traffic_per_token().data_parallel < per_token / 50
+
+
+def test_plan_train_takes_the_train_layout_flags(capsys):
+    assert main(["plan", "train", "--preset", "small", "--gpu", "h100", "--dp-shard", "2", "--ep", "2", "--pp", "2",
+                 "--pp-schedule", "dualpipev", "--seq-len", "256", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["gpus"], out["dp"], out["ep"], out["pp"], out["pp_schedule"]) == (8, 4, 2, 2, "dualpipev")
+    assert out["micro_batches"] == 4 and set(out["stages"][0]["sent"]) == {"all_to_all", "data_parallel", "pipeline"}
+    assert out["sent_per_token"]["all_to_all"] > 0

@@ -2,14 +2,17 @@
 
     dsv3 plan serve --preset v3 --gpu h200 --gpus 8 --weights fp8 --context 32768 --batch 4
     dsv3 plan train --preset v3 --gpu h800 --gpus 2048 --pp 16 --ep 64 --zero 1 --compute fp8
+    dsv3 plan train --preset small --gpu h100 --dp-shard 2 --ep 2 --pp 2     (the layout flags of `dsv3 train`)
 
 `dsv3 plan serve --json` prints: model, gpu, gpus, weights, cache, mtp, memory_utilization,
 weight_bytes, weight_bytes_per_gpu, usable_bytes_per_gpu, cache_bytes_per_token, cache_tokens,
 context, batch, needed_bytes, fits, min_gpus (GPU name -> smallest count).
-`dsv3 plan train --json` prints: model, gpu, gpus, pp, dp, ep, zero, micro_batch, seq_len, precision
-(master, grads, moments, compute), usable_bytes_per_gpu, fits ({"no_recompute", "full_recompute"}),
-and stages (per stage: stage, blocks, master, grads, optimizer, working, activations,
-activations_recompute, total, total_recompute; bytes per GPU).
+`dsv3 plan train --json` prints: model, gpu, gpus, pp, pp_schedule, dp, ep, zero, micro_batch, seq_len,
+micro_batches, precision (master, grads, moments, compute), usable_bytes_per_gpu, fits ({"no_recompute",
+"full_recompute"}), stages (per pipeline rank: stage, blocks, master, grads, optimizer, working,
+activations, activations_recompute, total, total_recompute; bytes per GPU; and sent: all_to_all,
+data_parallel, pipeline, bytes per GPU per optimizer step) and sent_per_token (the same kinds, bytes over
+the whole job per training token).
 Memory figures print in GiB (2^30 bytes).
 """
 
@@ -21,8 +24,9 @@ import json
 
 from dsv3.commands import options
 from dsv3.hardware import NAMES, GiB, accelerator
+from dsv3.parallel.layout import PP_SCHEDULES
 from dsv3.plan import (
-    Layout,
+    GpuLayout,
     ServePlan,
     StageMemory,
     TrainPlan,
@@ -56,12 +60,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     serve.add_argument("--batch", type=int, default=1, help="sequences served at once (default 1)")
     serve.add_argument("--mtp", action="store_true", help="keep the MTP modules as a speculative-decoding draft")
     train.add_argument("--pp", type=int, default=1, help="pipeline stages (default 1)")
+    train.add_argument("--pp-schedule", choices=PP_SCHEDULES, default="1f1b",
+                       help="1f1b, or dualpipev: two stages per GPU in a V (default 1f1b)")
     train.add_argument("--ep", type=int, default=1, help="expert-parallel degree (default 1)")
+    train.add_argument("--dp-shard", type=int, default=None, metavar="D",
+                       help="as `dsv3 train --dp-shard`: sets --gpus to D x ep x pp")
     train.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=3,
                        help="sharding over data-parallel ranks: 1 optimizer, 2 + gradients, 3 + weights (FSDP; "
                             "default)")
     train.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per micro-step (default 1)")
     train.add_argument("--seq-len", type=int, default=4096, help="tokens per sequence (default 4096)")
+    train.add_argument("--micro-batches", type=int, default=None, metavar="N",
+                       help="micro-steps per optimizer step, each GPU (default: 2 x pp, at least 1)")
     train.add_argument("--master-weights", dest="master", choices=("fp32", "bf16"), default="fp32")
     train.add_argument("--grads", choices=("fp32", "bf16"), default="fp32")
     train.add_argument("--moments", choices=("fp32", "bf16"), default="bf16", help="AdamW moments (default bf16)")
@@ -79,7 +89,10 @@ def run(args: argparse.Namespace) -> int:
         )
         print(json.dumps(_serve_json(name, plan), indent=2) if args.json else _serve_table(name, plan))
     else:
-        layout = Layout(args.gpus, args.pp, args.ep, args.zero, args.micro_batch, args.seq_len)
+        gpus = args.gpus if args.dp_shard is None else args.dp_shard * args.ep * args.pp
+        micro_batches = args.micro_batches if args.micro_batches is not None else 2 * args.pp
+        layout = GpuLayout(gpus, args.pp, args.ep, args.zero, args.micro_batch, args.seq_len, micro_batches,
+                           args.pp_schedule)
         precision = TrainPrecision(args.master, args.grads, args.moments, args.compute)
         plan = plan_training(cfg, gpu, layout, precision, memory_utilization=args.memory_utilization)
         if args.json:
@@ -146,11 +159,17 @@ def _serve_table(name: str, p: ServePlan) -> str:
 
 
 def _stage_label(plan: TrainPlan, s: StageMemory, n_layers: int) -> str:
-    main = [i for i in s.blocks if i < n_layers]
-    parts = [f"blocks {main[0]}-{main[-1]}" if len(main) > 1 else f"block {main[0]}"]
+    runs, main = [], [i for i in s.blocks if i < n_layers]
+    for i in main:  # contiguous runs of blocks (two with dualpipev)
+        if runs and runs[-1][-1] == i - 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    parts = [f"blocks {r[0]}-{r[-1]}" if len(r) > 1 else f"block {r[0]}" for r in runs]
+    lay = plan.layout
     if s.stage == 0:
         parts.append("embedding")
-    if s.stage == plan.layout.pp - 1:
+    if s.stage == (0 if lay.pp_schedule == "dualpipev" else lay.pp - 1):
         parts.append("head")
         if len(main) < len(s.blocks):
             parts.append("MTP")
@@ -160,16 +179,18 @@ def _stage_label(plan: TrainPlan, s: StageMemory, n_layers: int) -> str:
 def _train_json(name: str, p: TrainPlan) -> dict:
     lay = p.layout
     stages = []
-    for s in p.stages:
+    for s, t in zip(p.stages, p.traffic):
         d = dataclasses.asdict(s)
         d["blocks"] = list(s.blocks)
-        d.update(total=s.total, total_recompute=s.total_recompute)
+        d.update(total=s.total, total_recompute=s.total_recompute, sent=dataclasses.asdict(t))
         stages.append(d)
     return {
-        "model": name, "gpu": p.gpu.name, "gpus": lay.gpus, "pp": lay.pp, "dp": lay.dp, "ep": lay.ep,
-        "zero": lay.zero, "micro_batch": lay.micro_batch, "seq_len": lay.seq_len,
-        "precision": dataclasses.asdict(p.precision), "usable_bytes_per_gpu": p.usable_bytes_per_gpu,
+        "model": name, "gpu": p.gpu.name, "gpus": lay.gpus, "pp": lay.pp, "pp_schedule": lay.pp_schedule,
+        "dp": lay.dp, "ep": lay.ep, "zero": lay.zero, "micro_batch": lay.micro_batch, "seq_len": lay.seq_len,
+        "micro_batches": lay.micro_batches, "precision": dataclasses.asdict(p.precision),
+        "usable_bytes_per_gpu": p.usable_bytes_per_gpu,
         "fits": {"no_recompute": p.fits(False), "full_recompute": p.fits(True)}, "stages": stages,
+        "sent_per_token": dataclasses.asdict(p.traffic_per_token()),
     }
 
 
@@ -194,9 +215,25 @@ def _train_table(name: str, p: TrainPlan, n_layers: int) -> str:
             lambda s, c: gib(p.usable_bytes_per_gpu)),
         row("fits", lambda s, c: "yes" if p.fits(c) else "NO"),
     ]
+    pp = f"{lay.pp} pipeline stage(s) ({lay.pp_schedule})" if lay.pp > 1 else "1 pipeline stage"
     head = (
-        f"training {name} on {lay.gpus} x {p.gpu.description}: {lay.pp} pipeline stage(s) x {lay.dp} data-parallel "
-        f"ranks, expert-parallel {lay.ep}, ZeRO-{lay.zero}; micro-batch {lay.micro_batch} x {lay.seq_len} tokens"
+        f"training {name} on {lay.gpus} x {p.gpu.description}: {pp} x {lay.dp} data-parallel ranks, "
+        f"expert-parallel {lay.ep}, ZeRO-{lay.zero}; {lay.micro_batches} micro-batch(es) of {lay.micro_batch} x "
+        f"{lay.seq_len} tokens per step"
     )
-    return head + "\n" + _rows(rows)
+    busiest = max(range(len(p.traffic)), key=lambda i: p.traffic[i].total)
+    t, per_token = p.traffic[busiest], p.traffic_per_token()
+    sent = [
+        ("sent per optimizer step", f"per GPU (stage {busiest}, the busiest)", "whole job, per training token"),
+        ("expert all-to-all", gib(t.all_to_all), _bytes(per_token.all_to_all)),
+        (f"data parallel (ZeRO-{lay.zero})", gib(t.data_parallel), _bytes(per_token.data_parallel)),
+        ("pipeline", gib(t.pipeline), _bytes(per_token.pipeline)),
+    ]
+    return head + "\n" + _rows(rows) + "\n\n" + _rows(sent)
 
+
+def _bytes(n: float) -> str:
+    for unit, scale in (("MB", 1e6), ("KB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:,.4g} {unit}"
+    return f"{n:.4g} bytes"

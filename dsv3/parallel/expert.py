@@ -33,7 +33,7 @@ class ExpertParallelMoE(MoE):
     ep_group: dist.ProcessGroup
     ep_size: int
     # per-step statistics the trainer reads and resets: the most ranks one token's experts were spread over,
-    # and the bytes of token rows this rank sent in dispatch and combine
+    # and the bytes of token rows this rank sent to other ranks in the forward dispatch and combine
     max_ranks_per_token: int = 0
     sent_bytes: int = 0
 
@@ -61,7 +61,9 @@ class ExpertParallelMoE(MoE):
         # recv[r, j]: rows rank r sends for local expert j
         send_splits, recv_splits = send.sum(1).tolist(), recv.sum(1).tolist()
         x_recv = fc.all_to_all_single_autograd(x_sorted, recv_splits, send_splits, self.ep_group)  # [R rows, d]
-        self.sent_bytes += x_sorted.numel() * x_sorted.element_size() * 2  # out with the tokens, back with outputs
+        me = dist.get_rank(self.ep_group)  # rows for this rank's own experts never reach the wire
+        row = x_sorted.shape[1] * x_sorted.element_size()
+        self.sent_bytes += (sum(send_splits) - send_splits[me] + sum(recv_splits) - recv_splits[me]) * row
         # rows arrive grouped by source rank then expert; the experts want them grouped by expert
         key = torch.arange(n_local, device=recv.device).repeat(R) * R + torch.arange(R, device=recv.device
                                                                                   ).repeat_interleave(n_local)

@@ -54,7 +54,7 @@ class StepStats:
     bias_gamma: float
     loads: torch.Tensor | None  # [routers, E] tokens per expert over the whole step; None without MoE layers
     ep_max_ranks: int = 0  # expert parallelism: the most ranks one token's experts were on
-    ep_sent_bytes: int = 0  # and the token rows every rank sent and received back, in bytes
+    ep_sent_bytes: int = 0  # and the bytes of token rows all ranks sent to other ranks (forward dispatch + combine)
 
 
 class TrainStep:
@@ -76,6 +76,7 @@ class TrainStep:
         weights change) if the loss or the gradient norm is not finite."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        self.forget_statistics()  # what evaluations between steps sent
         sums, loads = self.accumulate(batches, mtp_lambda, accuracy)
         reduce_expert_grads(self.model, self.d)
         grad_norm = self.clip()
