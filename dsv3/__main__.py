@@ -1,7 +1,15 @@
 """`python -m dsv3 ...`: the `dsv3` command, as torchrun starts it (`torchrun ... -m dsv3 train`)."""
 
+import os
 import sys
 
 from dsv3.cli import main
 
-sys.exit(main())
+code = main()
+if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    # A rank of a job has written and closed everything by now. Skip the interpreter's teardown: torch's
+    # process-group threads can outlive it and abort the process (exit code -6) after a successful run.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+sys.exit(code)

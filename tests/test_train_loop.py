@@ -152,7 +152,7 @@ def test_time_budget_arithmetic():
     budget.start(step=0)
     clock.now = 10.0 + 10 * 4.0  # the first 10 steps took 4 s each: twice the probe's pace
     steps = budget.replan(step=10, max_steps=234, warmup=5, last_step_s=4.0)
-    assert steps == 10 + int((600 - 50 * 2 - 50) / 4.0)  # the end costs twice as much too
+    assert steps == 10 + int((600 - (30 * 2 + 20) - 50) / 4.0)  # the final evaluation costs twice as much too
     assert budget.replan(step=11, max_steps=234, warmup=5, last_step_s=4.0) is None  # only every 10 steps
     assert budget.replan(step=10, max_steps=234, warmup=12, last_step_s=4.0) is None  # not during the warm-up
     assert budget.replan(step=120, max_steps=234, warmup=5, last_step_s=4.0) is None  # nor past half the run
@@ -160,7 +160,9 @@ def test_time_budget_arithmetic():
     assert budget.replan(step=10, max_steps=234, warmup=5, last_step_s=2.0) is None
     clock.now = 600 - 50 - 2.5  # the end (50 s) and one more step (2 s) still fit ...
     assert not budget.out_of_time(last_step_s=2.0)
-    assert budget.out_of_time(last_step_s=3.0)  # ... a slower step does not, and the slower end neither
+    assert budget.out_of_time(last_step_s=3.0)  # ... a slower step does not, and the slower evaluation neither
+    clock.now = 600 - 50 - 31  # the reserve for the save and samples is seconds, not a pace: it does not scale
+    assert not budget.out_of_time(last_step_s=2.0 * 1.5)
 
 
 def test_a_new_run_refuses_an_occupied_directory(finished, data):

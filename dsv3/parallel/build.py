@@ -15,7 +15,8 @@ from dsv3.parallel.fsdp import apply_fsdp
 from dsv3.parallel.pipeline import prune
 
 
-def build_model(cfg: ModelConfig, d: Dist, *, init_std: float, seed: int, bf16: bool) -> DeepSeekV3:
+def build_model(cfg: ModelConfig, d: Dist, *, init_std: float, seed: int, bf16: bool,
+                reshard: bool = True) -> DeepSeekV3:
     """This rank's model: the whole model, or with pipeline parallelism the parts of its stages (the others are
     placeholders, see `dsv3.parallel.pipeline`), parallelised over the data-parallel ranks of `d`."""
     with torch.device("meta"):
@@ -24,12 +25,12 @@ def build_model(cfg: ModelConfig, d: Dist, *, init_std: float, seed: int, bf16: 
         prune(model, d.layout, d.pp_rank)
     model = model.to_empty(device=d.device)
     model.init_weights(init_std, seed=seed)
-    parallelize(model, d, bf16=bf16, root=d.layout.pp == 1)
+    parallelize(model, d, bf16=bf16, root=d.layout.pp == 1, reshard=reshard)
     return model
 
 
-def parallelize(model: DeepSeekV3, d: Dist, *, bf16: bool, root: bool) -> None:
+def parallelize(model: DeepSeekV3, d: Dist, *, bf16: bool, root: bool, reshard: bool = True) -> None:
     if d.layout.ep > 1:
         apply_expert_parallel(model, d.submesh("ep"))
     if d.layout.data_parallel > 1:
-        apply_fsdp(model, d, bf16, root=root)
+        apply_fsdp(model, d, bf16, root=root, reshard=reshard)

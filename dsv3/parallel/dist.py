@@ -91,7 +91,10 @@ class Dist:
             dist.barrier()
 
     def close(self) -> None:
+        """Leave the job: every rank waits for the others first (a rank that tears its process group down while
+        another still talks to it aborts that one)."""
         if self.mesh is not None and dist.is_initialized():
+            dist.barrier()
             dist.destroy_process_group()
 
 

@@ -21,10 +21,12 @@ from dsv3.model.transformer import Block, MTPModule
 from dsv3.parallel.dist import Dist
 
 
-def apply_fsdp(model: nn.Module, d: Dist, bf16: bool, *, root: bool = True) -> None:
+def apply_fsdp(model: nn.Module, d: Dist, bf16: bool, *, root: bool = True, reshard: bool = True) -> None:
     """Shard `model` (the whole model, or the part a pipeline rank holds) over the data-parallel ranks of `d`:
     one unit per block, per MTP module, and for the embedding, the final norm and the head. `root` also wraps
-    the model itself (when it is called as a whole: not under pipelining, where the stages call its parts)."""
+    the model itself (when it is called as a whole: not under pipelining, where the stages call its parts).
+    `reshard` frees each unit's gathered weights after its forward pass and gathers them again for the backward
+    (ZeRO-3); without, they stay from the forward to the backward pass (ZeRO-2's memory, half the gathers)."""
     layout = d.layout
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
         MixedPrecisionPolicy()
@@ -42,9 +44,10 @@ def apply_fsdp(model: nn.Module, d: Dist, bf16: bool, *, root: bool = True) -> N
     units += [m for m in (getattr(model, name, None) for name in ("embed", "norm", "head")) if m is not None]
     for unit in units:
         if any(p not in expert_params for p in unit.parameters()):
-            fully_shard(unit, mesh=data, mp_policy=mp, ignored_params=expert_params & set(unit.parameters()) or None)
+            fully_shard(unit, mesh=data, mp_policy=mp, ignored_params=expert_params & set(unit.parameters()) or None,
+                        reshard_after_forward=reshard)
     if root:
-        fully_shard(model, mesh=data, mp_policy=mp, ignored_params=expert_params or None)
+        fully_shard(model, mesh=data, mp_policy=mp, ignored_params=expert_params or None, reshard_after_forward=reshard)
         for method in ("run", "mtp_step"):
             register_fsdp_forward_method(model, method)
 

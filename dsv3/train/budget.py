@@ -26,15 +26,15 @@ class TimeBudget:
     def __init__(self, minutes: float, started: float, clock: Callable[[], float] = time.perf_counter):
         self.deadline = started + minutes * 60
         self.clock = clock
-        self.end_cost = 0.0  # what the final evaluation, save and samples cost at the probe's pace
+        self.end_eval = 0.0  # what the final evaluation costs at the probe's pace (END_RESERVE_S covers the rest)
         self.probe_step_s = 0.0
         self.since, self.first_step = started, 0  # where the measured pace starts
 
     def plan(self, step_s: float, eval_s: float, eval_every: int) -> int:
         """The steps that fit, from the probe's seconds per step and per evaluation (evaluations come every
         eval_every steps; one more and the end reserve at the end)."""
-        self.probe_step_s, self.end_cost = step_s, eval_s + END_RESERVE_S
-        left = self.deadline - self.end_cost - self.clock()
+        self.probe_step_s, self.end_eval = step_s, eval_s
+        left = self.deadline - self.end_cost(1.0) - self.clock()
         return max(1, int(left / (step_s + eval_s / eval_every)))
 
     def start(self, step: int) -> None:
@@ -49,9 +49,13 @@ class TimeBudget:
             return None
         now = self.clock()
         per_step = (now - self.since) / (step - self.first_step)
-        left = self.deadline - self.end_cost * self.slowdown(last_step_s) - now
+        left = self.deadline - self.end_cost(self.slowdown(last_step_s)) - now
         steps = max(step + int(left / per_step), math.ceil(step / REPLAN_UNTIL))
         return steps if abs(steps - max_steps) > 0.05 * max_steps else None
+
+    def end_cost(self, slowdown: float) -> float:
+        """Seconds to keep for the end: the final evaluation at the current pace, and the fixed reserve."""
+        return self.end_eval * slowdown + END_RESERVE_S
 
     def slowdown(self, last_step_s: float) -> float:
         """How much slower the last step ran than the probe's: the end will be slowed alike when other work
@@ -60,4 +64,4 @@ class TimeBudget:
 
     def out_of_time(self, last_step_s: float) -> bool:
         """Stop once what is left only covers the end of the run at the current pace."""
-        return self.clock() + self.end_cost * self.slowdown(last_step_s) + last_step_s > self.deadline
+        return self.clock() + self.end_cost(self.slowdown(last_step_s)) + last_step_s > self.deadline

@@ -91,6 +91,7 @@ class TrainConfig:
     ep: int = 1
     pp: int = 1
     pp_schedule: str = "1f1b"
+    reshard: bool = True  # FSDP2 frees gathered weights after each unit's forward (ZeRO-3); False keeps them (ZeRO-2)
 
     def __post_init__(self) -> None:
         if not isinstance(self.data, (list, tuple)) or not all(isinstance(d, str) for d in self.data):

@@ -82,7 +82,8 @@ class Trainer:
         self.tokenizer = self.info.tokenizer()
 
         torch.manual_seed(cfg.seed)
-        self.model = build_model(self.model_cfg, self.d, init_std=cfg.init_std, seed=cfg.seed, bf16=cfg.dtype == "bf16")
+        self.model = build_model(self.model_cfg, self.d, init_std=cfg.init_std, seed=cfg.seed,
+                                 bf16=cfg.dtype == "bf16", reshard=cfg.reshard)
         self.model.train()
         self.optimizer = build_optimizer(self.model, cfg)
         self.train_step = TrainStep(self.model, self.optimizer, cfg, self.autocast, self.device, self.d)
