@@ -122,7 +122,7 @@ def staged_directory(dst: str | os.PathLike, tag: str) -> Iterator[str]:
     tmp = tempfile.mkdtemp(dir=parent, prefix=f".{tag}-{os.getpid()}-", suffix=f"-{name}")
     try:
         yield tmp
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         if os.path.isdir(dst) and _exchange(tmp, dst):
             shutil.rmtree(tmp)  # tmp now holds the old folder
         else:
@@ -133,7 +133,7 @@ def staged_directory(dst: str | os.PathLike, tag: str) -> Iterator[str]:
                 shutil.rmtree(old)
             else:
                 os.rename(tmp, dst)
-        _fsync(parent)
+        fsync_path(parent)
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
@@ -150,7 +150,8 @@ def _exchange(a: str, b: str) -> bool:
     return renameat2(at_fdcwd, a.encode(), at_fdcwd, b.encode(), rename_exchange) == 0
 
 
-def _fsync(path: str) -> None:
+def fsync_path(path: str) -> None:
+    """Flush a file or a folder (its entries) to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -158,12 +159,13 @@ def _fsync(path: str) -> None:
         os.close(fd)
 
 
-def _fsync_tree(root: str) -> None:
+def fsync_tree(root: str) -> None:
+    """Flush every file and folder below `root` to disk."""
     for folder, _, files in os.walk(root):
         for f in files:
             with open(os.path.join(folder, f), "rb") as fh:
                 os.fsync(fh.fileno())
-        _fsync(folder)
+        fsync_path(folder)
 
 
 def human(n: float, unit: str = "") -> str:

@@ -46,7 +46,7 @@ from dsv3.config import ModelConfig
 from dsv3.errors import CheckpointError
 from dsv3.model import DeepSeekV3
 from dsv3.tokenizer import Tokenizer
-from dsv3.utils import atomic_write_text
+from dsv3.utils import atomic_write_text, fsync_path, fsync_tree
 
 CHECKPOINTS = "checkpoints"
 STATE_DIR = "state"
@@ -93,14 +93,6 @@ def remove_leftovers(run_dir: str) -> None:
                 shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def begin(run_dir: str, step: int, is_main: bool) -> str:
     """The temporary folder checkpoint `step` is written into (made by rank 0; every rank gets its name)."""
     root = os.path.join(run_dir, CHECKPOINTS)
@@ -144,11 +136,11 @@ def finish(run_dir: str, step: int, tmp: str, cfg: ModelConfig, tokenizer: Token
     export_model(tmp, cfg, tmp)
     tokenizer.save(tmp)
     atomic_write_text(os.path.join(tmp, STATE_JSON), json.dumps({"format": FORMAT, **state}, indent=1) + "\n")
-    _fsync_tree(tmp)
+    fsync_tree(tmp)
     if os.path.exists(final):  # the same step saved again (a finished run resumed): swap it out first
         os.rename(final, os.path.join(root, f"{TRASH_PREFIX}{os.path.basename(final)}"))
     os.rename(tmp, final)
-    _fsync_dir(root)
+    fsync_path(root)
     _link_model_files(final, run_dir)
     for _, old in list_checkpoints(run_dir)[:-keep_last]:
         trash = os.path.join(root, TRASH_PREFIX + os.path.basename(old))
@@ -201,7 +193,7 @@ def _link_model_files(checkpoint: str, run_dir: str) -> None:
         except OSError:  # a file system without hard links
             shutil.copyfile(os.path.join(checkpoint, name), tmp)
         os.replace(tmp, os.path.join(run_dir, name))
-    _fsync_dir(run_dir)
+    fsync_path(run_dir)
 
 
 def read_state(checkpoint: str) -> dict:
@@ -234,10 +226,3 @@ def load_state(checkpoint: str, state: dict[str, Any]) -> None:
                               f"{str(e).splitlines()[0][:200]}); resume from an older checkpoint by deleting this "
                               "folder") from None
 
-
-def _fsync_tree(root: str) -> None:
-    for folder, _, files in os.walk(root):
-        for f in files:
-            with open(os.path.join(folder, f), "rb") as fh:
-                os.fsync(fh.fileno())
-        _fsync_dir(folder)
