@@ -38,8 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens", default="14.8T", help="training tokens, with K/M/B/T suffixes (default 14.8T)")
     parser.add_argument("--seq-len", type=int, default=4096, help="tokens per training sequence (default 4096)")
     parser.add_argument("--gpu", default="h800", help=f"accelerator: {', '.join(NAMES)} (default h800)")
-    parser.add_argument("--precision", choices=PRECISIONS, default="bf16",
-                        help="whose peak the MFU is measured against (default bf16)")
+    parser.add_argument("--precision", "--dtype", dest="precision", choices=PRECISIONS, default="bf16",
+                        help="the training's matmul precision, whose peak the MFU is measured against: bf16, or fp8 "
+                             "as `dsv3 train --dtype fp8` and DeepSeek-V3 train (default bf16)")
     mfu = parser.add_mutually_exclusive_group()
     mfu.add_argument("--mfu", type=float,
                      help="model FLOPs utilisation in (0, 1] (default: what DeepSeek-V3's published hours imply)")

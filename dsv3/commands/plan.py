@@ -75,8 +75,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--master-weights", dest="master", choices=("fp32", "bf16"), default="fp32")
     train.add_argument("--grads", choices=("fp32", "bf16"), default="fp32")
     train.add_argument("--moments", choices=("fp32", "bf16"), default="bf16", help="AdamW moments (default bf16)")
-    train.add_argument("--compute", choices=("bf16", "fp8"), default="bf16",
-                       help="the weight copy matmuls read: bf16, or FP8 for the projections and experts")
+    train.add_argument("--compute", "--dtype", dest="compute", choices=("bf16", "fp8"), default="bf16",
+                       help="the weight copy matmuls read: bf16, or FP8 for the projections and experts, as "
+                            "`dsv3 train --dtype fp8` (fp32 master weights and gradients, bf16 moments)")
 
 
 def run(args: argparse.Namespace) -> int:

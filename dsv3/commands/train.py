@@ -18,9 +18,11 @@ import sys
 
 from dsv3.config import PRESETS
 from dsv3.errors import InvalidValue
+from dsv3.fp8 import SCALE_FORMATS
 from dsv3.parallel.dist import launched
 from dsv3.parallel.layout import PP_SCHEDULES
-from dsv3.train.config import BALANCE_MODES, DTYPES, TrainConfig
+from dsv3.train.config import BALANCE_MODES, DTYPES, MOMENT_DTYPES, TrainConfig
+from dsv3.train.fp8 import SCALINGS
 
 HELP = "pre-train a model (DeepSeek-V3's recipe: aux-loss-free balancing, MTP); no arguments: the quick start"
 
@@ -74,7 +76,15 @@ def _length_and_precision(run, d: TrainConfig) -> None:
     run.add_argument("--grad-accum", type=int, metavar="N", default=S,
                      help=f"micro-batches per optimizer step (default: {d.grad_accum})")
     run.add_argument("--dtype", choices=DTYPES, default=S,
-                     help=f"bf16: autocast matmuls, fp32 master weights; fp32: everything in fp32 (default: {d.dtype})")
+                     help="bf16: autocast matmuls, fp32 master weights; fp32: everything in fp32; fp8: the linear "
+                          "layers' GEMMs in E4M3 with 1x128/128x128 scales, DeepSeek-V3's recipe "
+                          f"(default: {d.dtype})")
+    run.add_argument("--fp8-scaling", choices=SCALINGS, default=S,
+                     help="with --dtype fp8: blockwise (default) or tensorwise, one scale per tensor")
+    run.add_argument("--fp8-scale-format", choices=SCALE_FORMATS, default=S,
+                     help="with --dtype fp8: fp32 scales (default) or ue8m0, powers of two")
+    run.add_argument("--optimizer-state-dtype", choices=MOMENT_DTYPES, default=S,
+                     help="AdamW's two moments (default: bf16 under --dtype fp8, else fp32)")
     run.add_argument("--device", metavar="DEV", default=S, help=f"cpu or cuda (default: {d.device})")
     run.add_argument("--seed", type=int, default=S,
                      help=f"seed of the initialisation and the data order (default: {d.seed})")

@@ -5,6 +5,8 @@ parallelism, then FSDP2."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from dsv3.config import ModelConfig
@@ -15,16 +17,19 @@ from dsv3.parallel.fsdp import apply_fsdp
 from dsv3.parallel.pipeline import prune
 
 
-def build_model(cfg: ModelConfig, d: Dist, *, init_std: float, seed: int, bf16: bool,
-                reshard: bool = True) -> DeepSeekV3:
+def build_model(cfg: ModelConfig, d: Dist, *, init_std: float, seed: int, bf16: bool, reshard: bool = True,
+                convert: Callable[[DeepSeekV3], object] | None = None) -> DeepSeekV3:
     """This rank's model: the whole model, or with pipeline parallelism the parts of its stages (the others are
-    placeholders, see `dsv3.parallel.pipeline`), parallelised over the data-parallel ranks of `d`."""
+    placeholders, see `dsv3.parallel.pipeline`), parallelised over the data-parallel ranks of `d`. `convert`
+    swaps modules after initialisation and before the parallelisms (FP8 training)."""
     with torch.device("meta"):
         model = DeepSeekV3(cfg)
     if d.layout.pp > 1:
         prune(model, d.layout, d.pp_rank)
     model = model.to_empty(device=d.device)
     model.init_weights(init_std, seed=seed)
+    if convert is not None:
+        convert(model)
     parallelize(model, d, bf16=bf16, root=d.layout.pp == 1, reshard=reshard)
     return model
 

@@ -93,7 +93,9 @@ def apply_expert_parallel(module: nn.Module, ep_mesh: DeviceMesh) -> list[nn.Par
                 sharded = nn.Parameter(distribute_tensor(full.detach(), ep_mesh, [Shard(0)]))
                 setattr(m.experts, name, sharded)
                 params.append(sharded)
-            m.__class__, m.experts.__class__ = ExpertParallelMoE, LocalExperts
+            m.__class__ = ExpertParallelMoE
+            if type(m.experts) is GroupedExperts:  # a subclass (FP8's experts) reads its local shards itself
+                m.experts.__class__ = LocalExperts
             m.ep_group, m.ep_size = ep_mesh.get_group(), ep_mesh.size()
     return params
 

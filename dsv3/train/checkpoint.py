@@ -127,13 +127,13 @@ def _state_files(checkpoint: str) -> list[str]:
 
 
 def finish(run_dir: str, step: int, tmp: str, cfg: ModelConfig, tokenizer: Tokenizer, state: dict,
-           keep_last: int) -> str:
+           keep_last: int, fp8: bool = False) -> str:
     """Rank 0, after every rank saved its shards: the model directory (read from the shards one tensor at a
     time), the tokenizer and train_state.json; then the atomic rename, the top-level links and the pruning of
     old checkpoints. Returns the checkpoint's folder."""
     root = os.path.join(run_dir, CHECKPOINTS)
     final = step_dir(run_dir, step)
-    export_model(tmp, cfg, tmp)
+    export_model(tmp, cfg, tmp, fp8=fp8)
     tokenizer.save(tmp)
     atomic_write_text(os.path.join(tmp, STATE_JSON), json.dumps({"format": FORMAT, **state}, indent=1) + "\n")
     fsync_tree(tmp)
@@ -150,8 +150,9 @@ def finish(run_dir: str, step: int, tmp: str, cfg: ModelConfig, tokenizer: Token
     return final
 
 
-def export_model(checkpoint: str, cfg: ModelConfig, out: str) -> None:
-    """Write the Hugging Face model directory from a checkpoint's sharded state, one tensor at a time."""
+def export_model(checkpoint: str, cfg: ModelConfig, out: str, fp8: bool = False) -> None:
+    """Write the Hugging Face model directory from a checkpoint's sharded state, one tensor at a time; `fp8`: in
+    DeepSeek's FP8 release layout (e4m3 weights with 128x128 block scales where the release has them)."""
     with torch.device("meta"):
         skeleton = DeepSeekV3(cfg)
     shapes = {k: (tuple(v.shape), v.dtype) for k, v in skeleton.state_dict().items()}
@@ -166,7 +167,7 @@ def export_model(checkpoint: str, cfg: ModelConfig, out: str) -> None:
             whole[tuple(slice(o, o + n) for o, n in zip(offsets, part.shape))] = part
         return whole
 
-    write_pretrained(out, cfg, shapes, fetch)
+    write_pretrained(out, cfg, shapes, fetch, fp8=fp8)
 
 
 def _chunks(files: list[str]) -> dict[str, list[tuple[str, list[int]]]]:

@@ -22,8 +22,10 @@ from dsv3.config import PRESETS, ModelConfig, preset
 from dsv3.errors import Dsv3Error, InvalidValue
 from dsv3.parallel.dist import world_size
 from dsv3.parallel.layout import PP_SCHEDULES, Layout
+from dsv3.train.fp8 import Fp8Recipe
 
-DTYPES = ("bf16", "fp32")
+DTYPES = ("bf16", "fp32", "fp8")
+MOMENT_DTYPES = ("bf16", "fp32")
 # aux-free: DeepSeek-V3's bias update plus the complementary sequence-wise loss;
 # aux-loss: the classic batch-wise auxiliary loss, no bias; none: no balancing at all.
 BALANCE_MODES = ("aux-free", "aux-loss", "none")
@@ -59,7 +61,12 @@ class TrainConfig:
     weight_decay: float = 0.1  # on matrices only (projections, experts, embedding, head)
     grad_clip: float = 1.0
     init_std: float = 0.006
-    dtype: str = "bf16"  # autocast dtype of the matmuls; master weights and optimizer state stay fp32
+    # bf16: autocast matmuls; fp32: everything fp32; fp8: the linear layers' GEMMs in E4M3 with fine-grained
+    # scales (dsv3.train.fp8), the rest under bf16 autocast. Master weights and gradients stay fp32.
+    dtype: str = "bf16"
+    fp8_scaling: str | None = None  # fp8 only: blockwise (tiles and blocks, default) or tensorwise
+    fp8_scale_format: str | None = None  # fp8 only: fp32 (default) or ue8m0 (powers of two)
+    optimizer_state_dtype: str | None = None  # AdamW's moments: bf16 or fp32 (default: bf16 under fp8, else fp32)
     device: str = "cpu"
     seed: int = 0
     # load balancing
@@ -127,6 +134,12 @@ class TrainConfig:
         need(self.grad_clip > 0, "grad_clip", "must be positive")
         need(self.init_std > 0, "init_std", "must be positive")
         need(self.dtype in DTYPES, "dtype", f"is not one of {', '.join(DTYPES)}")
+        for name in ("fp8_scaling", "fp8_scale_format"):
+            need(getattr(self, name) is None or self.dtype == "fp8", name, "only applies with --dtype fp8")
+        if self.dtype == "fp8":
+            self.fp8_recipe.check()
+        need(self.optimizer_state_dtype in (None, *MOMENT_DTYPES), "optimizer_state_dtype",
+             f"is not one of {', '.join(MOMENT_DTYPES)}")
         need(self.balance in BALANCE_MODES, "balance", f"is not one of {', '.join(BALANCE_MODES)}")
         need(self.peak_tflops is None or self.peak_tflops > 0, "peak_tflops", "must be positive")
         for name in ("dp_shard", "ep", "pp"):
@@ -145,6 +158,15 @@ class TrainConfig:
             raise InvalidValue("seq_len", self.seq_len, f"exceeds the model's max_position_embeddings="
                                f"{cfg.max_position_embeddings}; use a shorter sequence length")
         return cfg
+
+    @property
+    def fp8_recipe(self) -> Fp8Recipe:
+        return Fp8Recipe(self.fp8_scaling or "blockwise", self.fp8_scale_format or "fp32")
+
+    @property
+    def moments_dtype(self) -> str:
+        """AdamW's moment storage: as given, else bf16 under fp8 (DeepSeek-V3's recipe) and fp32 otherwise."""
+        return self.optimizer_state_dtype or ("bf16" if self.dtype == "fp8" else "fp32")
 
     @property
     def layout(self) -> Layout:

@@ -30,6 +30,7 @@ from dsv3.train.balance import max_vio, relative_loads
 from dsv3.train.budget import TimeBudget
 from dsv3.train.config import TrainConfig
 from dsv3.train.evaluate import evaluate
+from dsv3.train.fp8 import apply_fp8
 from dsv3.train.losses import mtp_lambda
 from dsv3.train.metrics import MetricsLog, train_line, val_line
 from dsv3.train.optim import build_optimizer, lr_at
@@ -82,8 +83,9 @@ class Trainer:
         self.tokenizer = self.info.tokenizer()
 
         torch.manual_seed(cfg.seed)
+        fp8 = (lambda m: apply_fp8(m, cfg.fp8_recipe)) if cfg.dtype == "fp8" else None
         self.model = build_model(self.model_cfg, self.d, init_std=cfg.init_std, seed=cfg.seed,
-                                 bf16=cfg.dtype == "bf16", reshard=cfg.reshard)
+                                 bf16=cfg.dtype != "fp32", reshard=cfg.reshard, convert=fp8)
         self.model.train()
         self.optimizer = build_optimizer(self.model, cfg)
         self.train_step = TrainStep(self.model, self.optimizer, cfg, self.autocast, self.device, self.d)
@@ -105,7 +107,7 @@ class Trainer:
             self.run_dir.write_json(TRAIN_CONFIG, cfg.to_dict())
             self.tokenizer.save(self.run_dir.path)
 
-        dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
+        dtype = torch.float32 if cfg.dtype == "fp32" else torch.bfloat16  # fp8: emulated, against bf16's peak
         peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else None
         if peak is None and self.d.is_main:  # measured once; the ranks are assumed alike
             peak = measure_matmul_peak(dtype, self.device)
@@ -122,7 +124,7 @@ class Trainer:
                 self._log(line)
 
     def autocast(self) -> torch.autocast:
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.dtype == "bf16")
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.dtype != "fp32")
 
     def _prepare_data(self) -> DatasetInfo:
         """A prepared dataset folder given as the only source is used as it is; anything else is prepared into
@@ -311,7 +313,7 @@ class Trainer:
                  "train_seconds": self.train_seconds, "loader": self.loader.state_dict(),
                  "train_config": self.cfg.to_dict(), "tokenizer_sha256": self.info.tokenizer_sha256}
         self.last_checkpoint = self.run_dir.save(self.step, self.model, self.optimizer, self.tokenizer, state,
-                                                 self.cfg.keep_last, self.d)
+                                                 self.cfg.keep_last, self.d, fp8=self.cfg.dtype == "fp8")
         self.last_saved = self.step
 
     def _finish(self) -> TrainResult:
@@ -361,8 +363,9 @@ class Trainer:
             steps=self.step, tokens=self.tokens, epochs=self.tokens / self.info.splits["train"]["tokens"],
             wall_seconds=time.perf_counter() - self.started, train_seconds=self.train_seconds,
             tokens_per_s=tokens_per_s, mfu=tokens_per_s * self.flops_per_token / self.peak, peak_flops=self.peak,
-            dtype=self.cfg.dtype, total_flops=self.tokens * self.flops_per_token, val_loss=ev.get("val_loss"),
-            val_ppl=ev.get("val_ppl"), val_mtp_acc=ev.get("val_mtp_acc"), val_maxvio=ev.get("val_maxvio"),
+            dtype="bf16" if self.cfg.dtype == "fp8" else self.cfg.dtype,  # FP8 is emulated: bf16's peak
+            total_flops=self.tokens * self.flops_per_token, val_loss=ev.get("val_loss"), val_ppl=ev.get("val_ppl"),
+            val_mtp_acc=ev.get("val_mtp_acc"), val_maxvio=ev.get("val_maxvio"),
         )
 
 

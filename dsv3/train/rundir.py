@@ -86,17 +86,17 @@ class RunDir:
 
     # ----- checkpoints ---------------------------------------------------------------------------------
     def save(self, step: int, model: DeepSeekV3, optimizer: torch.optim.Optimizer, tokenizer: Tokenizer,
-             state: dict[str, Any], keep_last: int, d: Dist | None = None) -> str:
+             state: dict[str, Any], keep_last: int, d: Dist | None = None, fp8: bool = False) -> str:
         """Checkpoint `step`, every rank together: the model's and AdamW's state and the RNG, sharded as this
-        rank holds them, then (rank 0) the model directory and `state` (step, loader position, options) as
-        JSON. Returns the checkpoint's folder."""
+        rank holds them, then (rank 0) the model directory (`fp8`: in DeepSeek's FP8 release layout) and `state`
+        (step, loader position, options) as JSON. Returns the checkpoint's folder."""
         d = d or Dist(Layout())
         tmp = ckpt.begin(self.path, step, d.is_main)
         d.barrier()
         ckpt.save_state(tmp, _training_state(model, optimizer))
         d.barrier()
         if d.is_main:
-            ckpt.finish(self.path, step, tmp, model.config, tokenizer, state, keep_last)
+            ckpt.finish(self.path, step, tmp, model.config, tokenizer, state, keep_last, fp8=fp8)
         d.barrier()
         return ckpt.step_dir(self.path, step)
 
