@@ -7,8 +7,9 @@ import argparse
 from dsv3.train import TrainConfig
 
 
-def parse_args(doc: str) -> argparse.Namespace:
-    """--preset, --steps, --batch-size, --seq-len, --eval-windows, --seed; the description is doc's first line."""
+def parse_args(doc: str, extra=None) -> argparse.Namespace:
+    """--preset, --steps, --batch-size, --seq-len, --eval-windows, --seed, and what `extra(parser)` adds; the
+    description is doc's first line."""
     ap = argparse.ArgumentParser(description=doc.split("\n")[0])
     ap.add_argument("--preset", default="small")
     ap.add_argument("--steps", type=int, default=100)
@@ -16,6 +17,8 @@ def parse_args(doc: str) -> argparse.Namespace:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--eval-windows", type=int, default=96)
     ap.add_argument("--seed", type=int, default=0)
+    if extra is not None:
+        extra(ap)
     return ap.parse_args()
 
 

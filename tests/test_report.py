@@ -39,6 +39,15 @@ def test_report_draws_every_plot(tmp_path):
             assert f.read(8) == PNG
 
 
+def test_report_compares_the_losses_of_several_runs(tmp_path, capsys):
+    runs = [fake_run(tmp_path / name) for name in ("bf16", "fp8")]
+    assert main(["report", str(runs[0]), "--compare", str(runs[1]), "--out", str(tmp_path / "plots")]) == 0
+    printed = capsys.readouterr().out.split()
+    assert printed[-1] == str(tmp_path / "plots" / "compare_loss.png")
+    with open(printed[-1], "rb") as f:
+        assert f.read(8) == PNG
+
+
 def test_report_cli_prints_the_files_and_takes_an_output_folder(tmp_path, capsys):
     run = fake_run(tmp_path / "run")
     with open(run / "metrics.jsonl", "a") as f:

@@ -10,11 +10,13 @@ HELP = "PNG plots of a training run: losses, learning rate, tokens/s, expert loa
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="the --out directory of `dsv3 train`")
     parser.add_argument("--out", metavar="DIR", help="where the PNG files go (default: RUN_DIR/plots)")
+    parser.add_argument("--compare", nargs="+", metavar="RUN", default=None,
+                        help="other runs whose losses to draw beside this one's (compare_loss.png)")
 
 
 def run(args: argparse.Namespace) -> int:
     from dsv3.train.report import make_report
 
-    for path in make_report(args.run_dir, args.out):
+    for path in make_report(args.run_dir, args.out, args.compare):
         print(path)
     return 0

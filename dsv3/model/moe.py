@@ -7,6 +7,7 @@ replace dispatch and combine with all-to-all exchanges from outside this file. S
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -132,10 +133,13 @@ class GroupedExperts(nn.Module):
 
 
 def swiglu_experts(x: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
-                   impl: str = "grouped") -> torch.Tensor:
+                   impl: str = "grouped", linear: Callable | None = None) -> torch.Tensor:
     """E SwiGLU experts with weights [E, out, in] on rows x [M, d] sorted by expert (counts[e] rows for expert e)
     -> [M, d]. The experts' computation itself, apart from where the weights live: expert parallelism calls it
-    with the experts one rank holds."""
+    with the experts one rank holds. `linear(x, w)` replaces F.linear (and the grouped kernel) for callers that
+    compute the matmuls their own way (FP8 training)."""
+    if linear is not None:
+        return _expert_loop(x, counts, w1, w2, w3, linear)
     if torch.is_autocast_enabled(x.device.type):
         # autocast does not cover grouped matmuls; cast by hand so bf16 training runs in bf16
         dtype = torch.get_autocast_dtype(x.device.type)
@@ -149,13 +153,18 @@ def swiglu_experts(x: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, w2: 
             x, w3.transpose(1, 2), offs=offs
         )  # [M, I]
         return torch._grouped_mm(h, w2.transpose(1, 2), offs=offs)  # [M, d]
+    return _expert_loop(x, counts, w1, w2, w3, F.linear)
+
+
+def _expert_loop(x: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
+                 linear: Callable) -> torch.Tensor:
     out = []
     for e, xe in enumerate(x.split(counts.tolist())):
         if xe.shape[0] or (e == 0 and not x.shape[0]):
             # an idle expert contributes nothing (and its weights get a zero gradient); with no rows at all, expert
             # 0 still runs on none, so that the output stays in the graph of x and the weights (a rank that
             # received no tokens must still take part in the backward exchanges of expert parallelism)
-            out.append(F.linear(F.silu(F.linear(xe, w1[e])) * F.linear(xe, w3[e]), w2[e]))
+            out.append(linear(F.silu(linear(xe, w1[e])) * linear(xe, w3[e]), w2[e]))
     return torch.cat(out)
 
 

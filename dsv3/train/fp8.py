@@ -23,13 +23,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
 from dsv3.errors import InvalidValue
 from dsv3.fp8 import SCALE_FORMATS, fake_quant_blocks, fake_quant_tensor, fake_quant_tiles
-from dsv3.model.moe import GroupedExperts
+from dsv3.model.moe import GroupedExperts, swiglu_experts
 
 SCALINGS = ("blockwise", "tensorwise")
 
@@ -100,12 +99,7 @@ class Fp8Experts(GroupedExperts):
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         w1, w2, w3 = (w.to_local() if isinstance(w, DTensor) else w for w in (self.w1, self.w2, self.w3))
-        out = []
-        for e, xe in enumerate(x.split(counts.tolist())):
-            if xe.shape[0] or (e == 0 and not x.shape[0]):  # no rows at all: keep x and the weights in the graph
-                h = F.silu(fp8_linear(xe, w1[e], self.recipe)) * fp8_linear(xe, w3[e], self.recipe)
-                out.append(fp8_linear(h, w2[e], self.recipe))
-        return torch.cat(out)
+        return swiglu_experts(x, counts, w1, w2, w3, linear=lambda a, w: fp8_linear(a, w, self.recipe))
 
 
 def apply_fp8(model: nn.Module, recipe: Fp8Recipe) -> int:

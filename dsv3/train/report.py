@@ -6,6 +6,9 @@
     expert_load.png   heat map per MoE layer: each expert's load (multiple of the mean) over the steps
     router_bias.png   each expert's selection bias over the steps, per MoE layer
     maxvio.png        MaxVio of the training batch (mean and max over layers) and of the validation set
+
+With `--compare RUN ...`, also compare_loss.png: the training loss of every run (smoothed) and their
+validation losses on one plot, labelled by run directory (ablations: bf16 against fp8, MTP on and off).
 """
 
 from __future__ import annotations
@@ -41,8 +44,10 @@ def _router_names(n: int, n_mtp: int) -> list[str]:
     return [f"MoE layer {i + 1}" for i in range(n - n_mtp)] + [f"MTP {k + 1}" for k in range(n_mtp)]
 
 
-def make_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> list[str]:
-    """Draw the plots of a run into `out_dir` (default RUN/plots); returns the files written."""
+def make_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None,
+                compare: list[str] | None = None) -> list[str]:
+    """Draw the plots of a run into `out_dir` (default RUN/plots), and with `compare` the loss curves of this
+    run and those beside each other; returns the files written."""
     plt = _pyplot()
     run_dir = os.fspath(run_dir)
     records = [r for r in read_metrics(run_dir) if "summary" not in r]
@@ -64,7 +69,33 @@ def make_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = 
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
+    if compare:
+        path = os.path.join(out_dir, "compare_loss.png")
+        fig = _compare(plt, [run_dir, *compare])
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
     return written
+
+
+def _compare(plt, runs: list[str]):
+    """Training loss (a moving mean over 10 logged steps) and validation loss of several runs."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for i, run in enumerate(runs):
+        records = [r for r in read_metrics(run) if "summary" not in r]
+        steps, loss = _series(records, "loss")
+        smooth = [sum(loss[max(0, j - 9): j + 1]) / len(loss[max(0, j - 9): j + 1]) for j in range(len(loss))]
+        color = f"C{i}"
+        name = os.path.basename(os.path.normpath(run))
+        ax.plot(steps, smooth, "-", color=color, label=f"{name} (train)")
+        vsteps, vloss = _series(records, "val_loss")
+        if vsteps:
+            ax.plot(vsteps, vloss, "o--", color=color, label=f"{name} (validation)", markersize=4)
+    ax.set(xlabel="step", ylabel="cross-entropy (nats)", title="loss, run by run")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return fig
 
 
 def _loss(plt, records, train, n_mtp):
