@@ -22,7 +22,8 @@ import os
 from ablation_runs import parse_args, run_config
 
 from dsv3 import preset
-from dsv3.train import train
+from dsv3.train import TrainConfig, train
+from dsv3.train.summary import Summary
 
 RUNS = (("bf16", {"dtype": "bf16"}),
         ("fp8-blockwise", {"dtype": "fp8"}),
@@ -37,10 +38,29 @@ def wide_config():
         moe_intermediate_size=256)
 
 
+def finished(cfg: TrainConfig) -> Summary | None:
+    """The summary of a run already in `cfg.out` that trained with the same settings, or None."""
+    try:
+        with open(os.path.join(cfg.out, "summary.json")) as f:
+            summary = json.load(f)
+        with open(os.path.join(cfg.out, "train_config.json")) as f:
+            before = json.load(f)
+    except FileNotFoundError:
+        return None
+    now = json.loads(json.dumps(cfg.to_dict()))
+    shared = (before.keys() & now.keys()) - {"overwrite", "resume"}  # settings added since default to the old behaviour
+    if any(before[k] != now[k] for k in shared):
+        return None
+    summary.pop("samples", None)
+    return Summary(**summary)
+
+
 def main() -> None:
     args = parse_args(__doc__, extra=lambda ap: (
         ap.add_argument("--wide", action="store_true", help="the wide config instead of the preset"),
-        ap.add_argument("--keep", default="runs/fp8", help="where the run directories go")))
+        ap.add_argument("--keep", default="runs/fp8", help="where the run directories go"),
+        ap.add_argument("--reuse", action="store_true",
+                        help="read back runs in --keep that finished with the same settings instead of training")))
     os.makedirs(args.keep, exist_ok=True)
     changes = {}
     if args.wide:
@@ -51,7 +71,9 @@ def main() -> None:
     rows = []
     for name, dtype in RUNS:
         cfg = run_config(args, os.path.join(args.keep, name), overwrite=True, **dtype, **changes)
-        s = train(cfg, log=lambda _: None, progress=False).summary
+        s = finished(cfg) if args.reuse else None
+        if s is None:
+            s = train(cfg, log=lambda _: None, progress=False).summary
         rows.append((name, s))
         print(f"{name}: val loss {s.val_loss:.4f} ({s.train_seconds:.0f} s)", flush=True)
 
