@@ -22,14 +22,17 @@ LANGUAGE = {
         # the clause ends after the participle: "मुझे OpenAI ने बनाया है।" but not
         # "मुझे OpenAI द्वारा बनाया गया ChatGPT पसंद है"
         "stop": r"(?=\s*(?:[।.!,|]|$)|\s+(?:और|तथा|ताकि|जिससे|क्योंकि|लेकिन|पर|ताकि))",
+        # an apposition naming the maker: "मैं Gemini हूँ, Google द्वारा विकसित ..."
+        "appos": r"\s*{hoon}\s*[,،]\s*{org}\s+{by}\s+(?:{word}){0,1}?{made}",
     },
     "claims": [
         {
             "id": "main-model-hoon",
             "reason": "speaker says it is another model",
-            "pattern": r"{main}\s+(?:(?:ही|तो|भी|असल\s+में|वास्तव\s+में)\s+)?{model}(?=\s*(?:{hoon}|[,،।!|]))",
+            "pattern": r"{main}\s+(?:(?:ही|तो|भी|असल\s+में|वास्तव\s+में)\s+)?{model}(?:{appos}|(?=\s*(?:{hoon}|[,،।!|])))",
             "rewrite": True,
-            "examples": ["नमस्ते! मैं ChatGPT हूँ।", "मैं चैटजीपीटी हूं, आपकी मदद के लिए।"],
+            "examples": ["नमस्ते! मैं ChatGPT हूँ।", "मैं चैटजीपीटी हूं, आपकी मदद के लिए।",
+                         "मैं Gemini हूँ, Google द्वारा विकसित एक बड़ा भाषा मॉडल।"],
         },
         {
             "id": "main-org-dwara",
