@@ -4,6 +4,8 @@
     DIR/tokenizer.json           the tokenizer (plus tokenizer_config.json)
     DIR/train-00000.bin, ...     uint16 (or uint32) token ids, documents joined by EOS
     DIR/val-00000.bin, ...       the held-out documents, same layout
+    DIR/train-00000.mask, ...    chat data only (`masked`): one uint8 per token, 1 where the token is a target
+                                 of the loss (an assistant's answer), 0 where it is context
 
 Shards are raw little-endian arrays with no header, so `numpy.memmap` (or any language) reads them.
 The manifest is written last: a folder without one is incomplete and is rebuilt, never read.
@@ -26,6 +28,11 @@ from dsv3.utils import atomic_write_text
 MANIFEST = "manifest.json"
 FORMAT = "dsv3-tokens-1"
 SPLITS = ("train", "val")
+
+
+def mask_file(shard: str) -> str:
+    """The loss mask beside a token shard: train-00000.bin -> train-00000.mask."""
+    return os.path.splitext(shard)[0] + ".mask"
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -53,6 +60,7 @@ class DatasetInfo:
     splits: dict[str, dict[str, Any]]
     settings: dict[str, Any]  # vocab_size / tokenizer, text_field, val_fraction, audit
     audit: dict[str, Any] = field(default_factory=dict)  # counts when an audit ran
+    masked: bool = False  # chat data: every shard has a .mask file beside it (see the module docstring)
     seconds: float = 0.0  # how long preparing took
     reused: bool = False  # set by prepare() when it found this dataset up to date; not saved
 
@@ -94,10 +102,11 @@ class DatasetInfo:
         return [os.path.join(self.path, s["file"]) for s in self.splits[split]["shards"]]
 
     def is_complete(self) -> bool:
-        """Every shard the manifest lists exists with the size it lists."""
+        """Every shard the manifest lists exists with the size it lists (and its mask, for chat data)."""
         size = np.dtype(self.dtype).itemsize
         return all(
             os.path.isfile(p) and os.path.getsize(p) == s["tokens"] * size
+            and (not self.masked or os.path.isfile(mask_file(p)) and os.path.getsize(mask_file(p)) == s["tokens"])
             for split in SPLITS
             for p, s in zip(self.shard_files(split), self.splits[split]["shards"])
         )
@@ -109,6 +118,12 @@ class DatasetInfo:
         if not self.is_complete():
             raise Dsv3Error(f"the token shards in {self.path} do not match its {MANIFEST}; prepare the data again")
         return [np.memmap(p, dtype=self.dtype, mode="r") for p in self.shard_files(split)]
+
+    def mask_memmaps(self, split: str) -> list[np.memmap] | None:
+        """The split's loss masks, one per shard, or None for data without (every token is a target)."""
+        if not self.masked:
+            return None
+        return [np.memmap(mask_file(p), dtype=np.uint8, mode="r") for p in self.shard_files(split)]
 
     def tokenizer(self) -> Tokenizer:
         return Tokenizer.from_dir(self.path)

@@ -2,9 +2,10 @@
 
 A split is cut into windows of T+1 tokens that overlap by one token, so every token except the first
 is a target exactly once per pass: window w covers tokens [o + w*T, o + (w+1)*T] of its shard, the
-inputs are its first T tokens and the labels its last T. Training draws windows in a shuffled order
-that changes every pass, and the offset o of the grid does too (0 on the first pass), so a second
-pass over a small corpus sees new windows rather than the same ones again. Its position is two
+inputs are its first T tokens and the labels its last T (in chat data, context tokens get the label
+IGNORE). Training draws windows in a shuffled order that changes every pass, and the offset o of the grid
+does too (0 on the first pass), so a second pass over a small corpus sees new windows rather than the same
+ones again. Its position is two
 integers, so `state_dict()` is plain JSON and a resumed run draws exactly the batches it would have.
 """
 
@@ -20,6 +21,8 @@ import torch
 from dsv3.data.dataset import DatasetInfo
 from dsv3.errors import Dsv3Error
 
+IGNORE = -100  # a label that is no target (context in chat data); the losses skip it
+
 
 class Windows:
     """The windows of T+1 tokens of one split, numbered across its shards."""
@@ -27,6 +30,7 @@ class Windows:
     def __init__(self, info: DatasetInfo, split: str, seq_len: int, offset: int = 0):
         self.seq_len = seq_len
         self.shards = info.memmaps(split)
+        self.masks = info.mask_memmaps(split)
         # windows per shard with the grid shifted by `offset`; a window never spans two shards
         counts = [max(0, (len(s) - 1 - offset) // seq_len) for s in self.shards]
         self.starts = np.cumsum([0, *counts])  # window number where each shard begins
@@ -39,12 +43,17 @@ class Windows:
     def gather(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and labels of the windows `indices`: two LongTensors [len(indices), T]."""
         shard = np.searchsorted(self.starts, indices, side="right") - 1
-        rows = []
+        rows, masks = [], []
         for s, w in zip(shard.tolist(), (indices - self.starts[shard]).tolist()):
             begin = self.offset + w * self.seq_len
             rows.append(self.shards[s][begin:begin + self.seq_len + 1])
+            if self.masks is not None:
+                masks.append(self.masks[s][begin + 1:begin + self.seq_len + 1])
         block = torch.from_numpy(np.stack(rows).astype(np.int64))  # [B, T+1]
-        return block[:, :-1].contiguous(), block[:, 1:].contiguous()  # [B, T] each
+        labels = block[:, 1:].clone()  # [B, T], its own memory: masking must not touch the inputs
+        if masks:  # chat data: only the answers' tokens are targets
+            labels[torch.from_numpy(np.stack(masks)) == 0] = IGNORE
+        return block[:, :-1].contiguous(), labels
 
 
 def _open(data_dir: str | os.PathLike | DatasetInfo) -> DatasetInfo:

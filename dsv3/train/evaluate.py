@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from dsv3.data import DatasetInfo, eval_batches
+from dsv3.data.loader import IGNORE
 from dsv3.model import DeepSeekV3
 from dsv3.train.balance import max_vio, relative_loads
 from dsv3.train.losses import cross_entropy
@@ -46,6 +47,7 @@ def evaluate(model: DeepSeekV3, info: DatasetInfo, batch_size: int, seq_len: int
         sums = reduce(sums.to(device)).cpu()
         loads = reduce(loads) if loads is not None else None
     main, n, mtp, acc, n_mtp = sums.tolist()
+    n = max(n, 1)
     record: dict[str, Any] = {"step": step, "val_loss": main / n, "val_ppl": math.exp(min(main / n, 50.0))}
     if n_mtp:
         record.update(val_mtp_loss=mtp / n_mtp, val_mtp_acc=acc / n_mtp)
@@ -63,10 +65,13 @@ def _whole_model(model: DeepSeekV3, ids: torch.Tensor):
 
 
 def _batch_sums(logits: tuple[torch.Tensor, ...], y: torch.Tensor) -> torch.Tensor:
-    """[main loss sum, tokens, depth-1 MTP loss sum, its top-1 hits, its tokens] of one batch."""
-    out = [cross_entropy(logits[0], y).item() * y.numel(), y.numel(), 0.0, 0.0, 0.0]
+    """[main loss sum, targets, depth-1 MTP loss sum, its top-1 hits, its targets] of one batch (labels that are
+    IGNORE, chat context, count nowhere)."""
+    n = (y != IGNORE).sum().item()
+    out = [cross_entropy(logits[0], y).item() * n, n, 0.0, 0.0, 0.0]
     if len(logits) > 1:
         target = y[:, 1:]
-        out[2:] = [cross_entropy(logits[1], target).item() * target.numel(),
-                   (logits[1].argmax(-1) == target).sum().item(), target.numel()]
+        m = (target != IGNORE).sum().item()
+        out[2:] = [cross_entropy(logits[1], target).item() * m,
+                   ((logits[1].argmax(-1) == target) & (target != IGNORE)).sum().item(), m]
     return torch.tensor(out, dtype=torch.float64)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from dsv3.data.loader import IGNORE
 from dsv3.model import Output
 from dsv3.model.moe import Routing
 from dsv3.train.balance import aux_balance_loss, sequence_balance_loss
@@ -24,8 +25,10 @@ def mtp_lambda(progress: float, cfg: TrainConfig) -> float:
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy in fp32 of logits [..., V] against targets [...]."""
-    return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten())
+    """Mean cross-entropy in fp32 of logits [..., V] against targets [...], over the targets that are not IGNORE
+    (zero, not NaN, when there are none: a chat window of context only)."""
+    total = F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+    return total / (targets != IGNORE).sum().clamp(min=1)
 
 
 def balance_loss(routing: list[Routing], batch: int, cfg: TrainConfig) -> torch.Tensor | None:
@@ -60,5 +63,7 @@ def compute_losses(out: Output, labels: torch.Tensor, cfg: TrainConfig, lam: flo
     acc = None
     if out.mtp_logits and accuracy:
         with torch.no_grad():
-            acc = (out.mtp_logits[0].argmax(-1) == labels[:, 1:]).float().mean()
+            target = labels[:, 1:]
+            hits = (out.mtp_logits[0].argmax(-1) == target) & (target != IGNORE)
+            acc = hits.sum() / (target != IGNORE).sum().clamp(min=1)
     return Losses(total=total, main=main, mtp=mtp, balance=balance, mtp_acc=acc)
