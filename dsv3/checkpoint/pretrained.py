@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from collections.abc import Callable, Iterable
 
@@ -89,6 +90,39 @@ def load_pretrained(
     return model
 
 
+def load_into(model: DeepSeekV3, path: str | os.PathLike, *, partial: bool = False, drop_mtp: bool = False) -> None:
+    """Fill an existing model's parameters and buffers (in their own dtypes) from the Hugging Face model
+    directory `path`, whose config must be the model's. `partial`: the model holds only part of it (a pipeline
+    rank's blocks), and the checkpoint's other tensors are passed over. `drop_mtp`: the checkpoint's MTP modules
+    beyond the model's own are passed over (training on without MTP)."""
+    reader = CheckpointReader(path)
+    state = model.state_dict(keep_vars=True)
+    cfg = model.config
+    last = cfg.num_hidden_layers + cfg.num_nextn_predict_layers  # the checkpoint's layers from here on are MTP
+    beyond = re.compile(r"model\.layers\.(\d+)\.")
+    if drop_mtp:
+        reader = _Without(reader, lambda k: (m := beyond.match(k)) is not None and int(m.group(1)) >= last)
+    with torch.no_grad():
+        filled = _fill(reader, state, model.config, path, partial=partial)
+    _check_complete(state, filled, model.config, path)
+
+
+class _Without:
+    """A checkpoint reader that hides the tensors whose names `drop` picks."""
+
+    def __init__(self, reader: CheckpointReader, drop):
+        self.reader, self.drop = reader, drop
+
+    def keys(self):
+        return [k for k in self.reader.keys() if not self.drop(k)]
+
+    def __getattr__(self, name):
+        return getattr(self.reader, name)
+
+    def __contains__(self, key) -> bool:
+        return key in self.reader and not self.drop(key)
+
+
 def _checkpoint_dtype(reader: CheckpointReader) -> torch.dtype:
     """The dtype the checkpoint keeps its embedding in (bf16 when that is not a float dtype we load into)."""
     if "model.embed_tokens.weight" not in reader:
@@ -97,9 +131,10 @@ def _checkpoint_dtype(reader: CheckpointReader) -> torch.dtype:
     return emb.dtype if emb.dtype in DTYPES.values() else torch.bfloat16
 
 
-def _fill(reader: CheckpointReader, state: dict[str, torch.Tensor], cfg: ModelConfig, path) -> set:
+def _fill(reader: CheckpointReader, state: dict[str, torch.Tensor], cfg: ModelConfig, path,
+          partial: bool = False) -> set:
     """Copy every checkpoint tensor into its place in `state`; returns the (key, expert) pairs filled. A tensor
-    with no place in this model, or of the wrong shape, is an error that names it."""
+    with no place in this model (unless `partial`), or of the wrong shape, is an error that names it."""
     filled: set[tuple[str, int | None]] = set()
     unexpected = []
     for key in reader.keys():
@@ -107,7 +142,8 @@ def _fill(reader: CheckpointReader, state: dict[str, torch.Tensor], cfg: ModelCo
             continue
         target = names.hf_to_ours(key, cfg.num_hidden_layers, cfg.num_nextn_predict_layers)
         if target is None or target.key not in state:
-            if 0 not in reader.shape(key):  # transformers writes empty shared experts when there are none
+            # transformers writes empty shared experts when there are none; a partial model skips the rest
+            if 0 not in reader.shape(key) and not (partial and target is not None):
                 unexpected.append(key)
             continue
         if target.copy_of_shared:

@@ -26,6 +26,7 @@ from dsv3.train.fp8 import Fp8Recipe
 
 DTYPES = ("bf16", "fp32", "fp8")
 MOMENT_DTYPES = ("bf16", "fp32")
+SCHEDULES = ("pretrain", "cosine")
 # aux-free: DeepSeek-V3's bias update plus the complementary sequence-wise loss;
 # aux-loss: the classic batch-wise auxiliary loss, no bias; none: no balancing at all.
 BALANCE_MODES = ("aux-free", "aux-loss", "none")
@@ -52,7 +53,11 @@ class TrainConfig:
     # from the start of the run and including data preparation, evaluation and the final samples
     max_steps: int | None = None
     time_budget: float = 8.0
-    # optimizer and schedule
+    # where the weights start: a fresh initialisation, or a Hugging Face model directory (fine-tuning)
+    init_from: str | None = None
+    # optimizer and schedule: "pretrain" is DeepSeek-V3's shape (warm-up, constant, cosine, two tails), "cosine"
+    # warm-up then one cosine decay to lr * min_lr_ratio (fine-tuning)
+    schedule: str = "pretrain"
     lr: float = 1e-3
     min_lr_ratio: float = 0.1  # cosine decay ends at lr * 0.1 (2.2e-4 -> 2.2e-5 in the paper)
     warmup: float = 0.03  # fraction of the steps spent warming up (at least one step)
@@ -134,6 +139,7 @@ class TrainConfig:
         need(self.grad_clip > 0, "grad_clip", "must be positive")
         need(self.init_std > 0, "init_std", "must be positive")
         need(self.dtype in DTYPES, "dtype", f"is not one of {', '.join(DTYPES)}")
+        need(self.schedule in SCHEDULES, "schedule", f"is not one of {', '.join(SCHEDULES)}")
         for name in ("fp8_scaling", "fp8_scale_format"):
             need(getattr(self, name) is None or self.dtype == "fp8", name, "only applies with --dtype fp8")
         if self.dtype == "fp8":

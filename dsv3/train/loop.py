@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+from dsv3.checkpoint.pretrained import load_into
 from dsv3.data import DatasetInfo, TokenLoader, check_vocab
 from dsv3.data.dataset import MANIFEST
 from dsv3.data.prepare import prepare
@@ -83,9 +84,8 @@ class Trainer:
         self.tokenizer = self.info.tokenizer()
 
         torch.manual_seed(cfg.seed)
-        fp8 = (lambda m: apply_fp8(m, cfg.fp8_recipe)) if cfg.dtype == "fp8" else None
         self.model = build_model(self.model_cfg, self.d, init_std=cfg.init_std, seed=cfg.seed,
-                                 bf16=cfg.dtype != "fp32", reshard=cfg.reshard, convert=fp8)
+                                 bf16=cfg.dtype != "fp32", reshard=cfg.reshard, convert=self._convert)
         self.model.train()
         self.optimizer = build_optimizer(self.model, cfg)
         self.train_step = TrainStep(self.model, self.optimizer, cfg, self.autocast, self.device, self.d)
@@ -118,6 +118,13 @@ class Trainer:
         self.last_checkpoint = self.run_dir.latest()
 
     # ----- set-up ------------------------------------------------------------------------------------
+    def _convert(self, model) -> None:
+        """Before the parallelisms: the starting weights of a fine-tuning run, then FP8's module switch."""
+        if self.cfg.init_from and not self.cfg.resume:
+            load_into(model, self.cfg.init_from, partial=self.d.layout.pp > 1, drop_mtp=not self.cfg.mtp)
+        if self.cfg.dtype == "fp8":
+            apply_fp8(model, self.cfg.fp8_recipe)
+
     def log(self, line: str) -> None:
         if self.d.is_main:
             with tqdm.external_write_mode():

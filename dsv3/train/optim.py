@@ -1,4 +1,5 @@
-"""AdamW with weight decay on matrices only, and DeepSeek-V3's learning-rate schedule scaled to any run length.
+"""AdamW with weight decay on matrices only, and DeepSeek-V3's learning-rate schedule scaled to any run length
+(or, for fine-tuning, warm-up then one cosine decay to the floor: `schedule="cosine"`).
 
 The published schedule (DeepSeek-V3 section 4.2), over 14.8T tokens: linear warm-up to the peak, constant
 until 10T tokens, cosine decay to a tenth of the peak by 14.3T, then two constant tails: a tenth of the
@@ -29,6 +30,9 @@ def lr_at(step: int, max_steps: int, cfg: TrainConfig) -> float:
         return cfg.lr * (step + 1) / warmup
     progress = step / max_steps
     low = cfg.lr * cfg.min_lr_ratio
+    if cfg.schedule == "cosine":  # fine-tuning: from the peak straight down to the floor over the rest
+        t = (step - warmup) / max(1, max_steps - warmup)
+        return low + (cfg.lr - low) * 0.5 * (1 + math.cos(math.pi * t))
     if progress < CONSTANT_END:
         return cfg.lr
     if progress < COSINE_END:

@@ -54,9 +54,10 @@ class RunDir:
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
 
-    def claim(self, *, resume: bool, overwrite: bool, d: Dist | None = None) -> None:
+    def check(self, *, resume: bool, overwrite: bool) -> list[str]:
         """Refuse to mix a new run into an old one's directory, unless told to resume it or start over; refuse
-        to resume a directory that holds no run (a mistyped --out would otherwise start a new one)."""
+        to resume a directory that holds no run (a mistyped --out would otherwise start a new one). Changes
+        nothing; returns the run's files that are there."""
         if resume and overwrite:
             raise Dsv3Error("--resume continues the run in --out and --overwrite deletes it; give one of them")
         if os.path.exists(self.path) and not os.path.isdir(self.path):
@@ -68,6 +69,11 @@ class RunDir:
         if present and not resume and not overwrite:
             raise Dsv3Error(f"{self.path} already holds a training run; pass --resume to continue it, "
                             f"--overwrite to start it over, or --out DIR for a new one")
+        return present
+
+    def claim(self, *, resume: bool, overwrite: bool, d: Dist | None = None) -> None:
+        """`check`, then clear an old run when starting over, and make the folder."""
+        present = self.check(resume=resume, overwrite=overwrite)
         d = d or Dist(Layout())
         if d.is_main:
             if present and not resume:
