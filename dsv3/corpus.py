@@ -110,6 +110,18 @@ def lines(path: str) -> Iterator[tuple[int, bytes]]:
         yield from enumerate(f, start=1)
 
 
+def records(path: str) -> Iterator[tuple[int, object]]:
+    """(1-based line number, JSON value) of every non-blank line of a JSONL file; Dsv3Error "PATH:LINE: ..." at
+    the first line that is not UTF-8 JSON."""
+    for n, raw in lines(path):
+        try:
+            value = parse_line(raw)
+        except BadLine as e:
+            raise Dsv3Error(f"{path}:{n}: {e}") from None
+        if value is not None:
+            yield n, value
+
+
 class BadLine(ValueError):
     """A JSONL line that is not valid UTF-8 or not valid JSON; the message says which and where."""
 
