@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("dsv3.commands.info", "parameters, active parameters, cache bytes and FLOPs of a model"),
     "prepare": ("dsv3.commands.prepare", "tokenize a corpus into token shards (built-in corpus, files, JSONL)"),
     "train": ("dsv3.commands.train", "pre-train with DeepSeek-V3's recipe; no arguments: the 10-minute quick start"),
+    "sft": ("dsv3.commands.sft", "fine-tune on chat data (JSONL or the built-in set), the loss on the answers only"),
+    "eval": ("dsv3.commands.eval", "evaluate a model: `dsv3 eval identity` asks who it is and counts the answers"),
     "report": ("dsv3.commands.report", "plots of a training run: losses, learning rate, expert loads, router biases"),
     "audit": ("dsv3.commands.audit", "find (and fix) other models' self-identification in a corpus"),
     "convert": ("dsv3.commands.convert", "convert a checkpoint (FP8 -> bf16, re-shard, change dtype)"),

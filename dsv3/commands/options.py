@@ -75,7 +75,7 @@ def load_model(args: argparse.Namespace):
     if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:  # it seeds a preset's weights too, before any sampling
         raise InvalidValue("seed", seed, f"must be an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]")
     loaded = load(args.model, args.preset, args.dtype, seed=seed)
-    if args.speculative and not len(loaded.model.mtp):
+    if getattr(args, "speculative", None) and not len(loaded.model.mtp):
         raise Dsv3Error(f"--speculative mtp needs a model with an MTP module; {loaded.name} has none")
     return loaded
 

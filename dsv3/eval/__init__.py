@@ -1,0 +1,1 @@
+"""Evaluations of a trained model: `identity` asks it who it is."""
