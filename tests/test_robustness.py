@@ -518,7 +518,19 @@ def test_damaged_files_give_exit_0_or_one_sentence(model_dir, tmp_path, capsys, 
     (run / "metrics.jsonl").write_text("".join(json.dumps({"step": i, "loss": 5.0 - i / 10, "mfu": 0.1,
                                                            "lr": 1e-3, "tokens_per_s": 100.0}) + "\n"
                                                for i in range(1, 4)))
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"question {i}?"},
+                                                      {"role": "assistant", "content": f"answer {i}."}]}) + "\n"
+                             for i in range(12)))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p, "language": lang}) + "\n"
+                               for p, lang in (("Who are you?", "en"), ("你是谁？", "zh"))))
     verbs = {
+        chats: [("sft", ["--preset", "tiny", "--data", str(chats), "--out", str(tmp_path / "sft"), "--overwrite",
+                         "--max-steps", "1", "--seq-len", "32", "--batch-size", "2", "--eval-windows", "1",
+                         "--peak-tflops", "1", "--no-tensorboard", "--no-progress"])],
+        prompts: [("eval", ["identity", "--model", str(model_dir), "--prompts", str(prompts), "--samples", "1",
+                            "--max-new-tokens", "2"])],
         cfg_file: [("info", ["--config", str(cfg_file)]), ("cost", ["--config", str(cfg_file), "--tokens", "1B"]),
                    ("plan", ["serve", "--config", str(cfg_file)])],
         corpus: [("prepare", [str(corpus), "--out", str(tmp_path / "data"), "--vocab-size", "300", "--overwrite"]),
