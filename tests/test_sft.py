@@ -254,3 +254,13 @@ def test_write_jsonl_round_trips_through_read_chats(tmp_path):
     path = tmp_path / "c.jsonl"
     assert write_jsonl(chats, str(path)) == 5
     assert [c.messages for c in read_chats([str(path)])] == [c.messages for c in chats]
+
+
+def test_the_hashed_validation_split_grows_to_one_evaluation_window(tokenizer, tmp_path):
+    chats = [Conversation(f"chats.jsonl:{i}", CONVERSATION) for i in range(10)]
+    n = len(encode_conversation(CONVERSATION, tokenizer, ChatTemplate())[0])
+    info = prepare_chats(chats, tokenizer, ChatTemplate(), str(tmp_path / "data"), min_val_tokens=2 * n + 1)
+    assert (info.splits["val"]["documents"], info.splits["val"]["tokens"]) == (3, 3 * n)
+    assert info.splits["train"]["documents"] == 7
+    one = prepare_chats(chats[:2], tokenizer, ChatTemplate(), str(tmp_path / "data"), min_val_tokens=10 * n)
+    assert one.splits["train"]["documents"] == 1  # never the last conversation

@@ -103,23 +103,25 @@ def encode_conversation(messages: Messages, tokenizer: Tokenizer, template: Chat
 
 
 def prepare_chats(conversations: Iterable[Conversation], tokenizer: Tokenizer, template: ChatTemplate, out: str,
-                  *, val_names: set[str] | None = None, val_fraction: float = 0.05, sources: Sequence[str] = ()
-                  ) -> DatasetInfo:
+                  *, val_names: set[str] | None = None, val_fraction: float = 0.05, min_val_tokens: int = 0,
+                  sources: Sequence[str] = ()) -> DatasetInfo:
     """Encode and pack `conversations` into a masked dataset folder `out` (replacing what is there). The
     validation split is the conversations named in `val_names`, or else a `val_fraction` chosen by a hash
-    of their names (stable across runs and orders), at least one."""
-    conversations = list(conversations)
+    of their names (stable across runs and orders), grown in the same order to at least one conversation and
+    `min_val_tokens` tokens (one evaluation window) while a conversation is left for training."""
+    encoded = []
+    for conv in conversations:
+        try:
+            encoded.append((conv, *encode_conversation(conv.messages, tokenizer, template)))
+        except ValueError as e:
+            raise Dsv3Error(f"{conv.name}: {e}") from None
     if val_names is None:
-        val_names = _held_out(conversations, val_fraction)
+        val_names = _held_out({c.name: len(ids) for c, ids, _ in encoded}, val_fraction, min_val_tokens)
     tmp = tempfile.mkdtemp(prefix=".tmp-chat-", dir=os.path.dirname(os.path.abspath(out)) or ".")
     try:
         writers = {split: _SplitWriter(tmp, split, token_dtype(tokenizer.vocab_size)) for split in ("train", "val")}
         digest, documents, chars = hashlib.sha256(), 0, 0
-        for conv in conversations:
-            try:
-                ids, mask = encode_conversation(conv.messages, tokenizer, template)
-            except ValueError as e:
-                raise Dsv3Error(f"{conv.name}: {e}") from None
+        for conv, ids, mask in encoded:
             writers["val" if conv.name in val_names else "train"].write(ids, mask)
             digest.update(np.asarray(ids, dtype=np.int64).tobytes() + bytes(mask))
             documents += 1
@@ -147,14 +149,17 @@ def prepare_chats(conversations: Iterable[Conversation], tokenizer: Tokenizer, t
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _held_out(conversations: list[Conversation], fraction: float) -> set[str]:
-    """The names whose hash falls in the first `fraction` of the range; the lowest one if none does (a small
-    file still gets a validation loss), none if there is a single conversation."""
-    keys = {c.name: name_key(c.name) % 10_000 for c in conversations}
-    chosen = {name for name, k in keys.items() if k < fraction * 10_000}
-    if not chosen and len(keys) > 1:
-        chosen = {min(keys, key=keys.get)}
-    return chosen
+def _held_out(lengths: dict[str, int], fraction: float, min_tokens: int) -> set[str]:
+    """Names (-> token counts) in the order of their hash: the first `fraction` of the hash range, then more
+    until there are at least one and `min_tokens` tokens, never the last one."""
+    order = sorted(lengths, key=lambda name: name_key(name) % 10_000)
+    chosen, tokens = [], 0
+    for name in order[:-1]:
+        if name_key(name) % 10_000 >= fraction * 10_000 and chosen and tokens >= min_tokens:
+            break
+        chosen.append(name)
+        tokens += lengths[name]
+    return set(chosen)
 
 
 class _SplitWriter:

@@ -64,7 +64,8 @@ def finetune(cfg: TrainConfig, conversations: Sequence[Conversation], *, epochs:
         raise InvalidValue("data_dir", cfg.data_dir, "must be another folder than the run directory --out")
     tokenizer = chat_tokenizer(cfg, conversations)
     template = ChatTemplate.from_config(tokenizer.config or {})
-    info = prepare_chats(conversations, tokenizer, template, cfg.data_dir, val_names=val_names)
+    info = prepare_chats(conversations, tokenizer, template, cfg.data_dir, val_names=val_names,
+                         min_val_tokens=cfg.seq_len + 1)  # one evaluation window
     log(f"chat data: {info.splits['train']['documents']} training and {info.splits['val']['documents']} validation "
         f"conversations, {info.tokens:,} tokens in {cfg.data_dir}")
     steps = cfg.max_steps if cfg.max_steps is not None else epochs_to_steps(info, cfg, epochs)
