@@ -31,11 +31,14 @@ RUNS = (("bf16", {"dtype": "bf16"}),
 
 
 def wide_config():
-    """A config whose every linear dimension is a multiple of 128 (the small preset's latent is 64 + 16)."""
+    """A wider config (hidden 384 against the small preset's 256) whose every linear dimension is a multiple of
+    128, so that no tile or block is partial. That takes a rotary width of 128: the latent's projection emits
+    kv_lora_rank + qk_rope_head_dim columns and the next one reads kv_lora_rank, so both are multiples of 128
+    only if the rotary width is too (the small preset's is 64 + 16, DeepSeek-V3's 512 + 64)."""
     return preset("small").replace(
-        hidden_size=512, num_hidden_layers=4, num_attention_heads=4, q_lora_rank=256, kv_lora_rank=192,
-        qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=128, intermediate_size=1024,
-        moe_intermediate_size=256)
+        hidden_size=384, num_hidden_layers=4, num_attention_heads=4, q_lora_rank=128, kv_lora_rank=128,
+        qk_nope_head_dim=64, qk_rope_head_dim=128, v_head_dim=64, intermediate_size=1024,
+        moe_intermediate_size=128)
 
 
 def finished(cfg: TrainConfig) -> Summary | None:
@@ -60,7 +63,9 @@ def main() -> None:
         ap.add_argument("--wide", action="store_true", help="the wide config instead of the preset"),
         ap.add_argument("--keep", default="runs/fp8", help="where the run directories go"),
         ap.add_argument("--reuse", action="store_true",
-                        help="read back runs in --keep that finished with the same settings instead of training")))
+                        help="read back runs in --keep that finished with the same settings instead of training"),
+        ap.add_argument("--runs", nargs="+", choices=[name for name, _ in RUNS], default=[name for name, _ in RUNS],
+                        help="train only these (several processes can share the work; --reuse then reads all)")))
     os.makedirs(args.keep, exist_ok=True)
     changes = {}
     if args.wide:
@@ -72,11 +77,15 @@ def main() -> None:
     for name, dtype in RUNS:
         cfg = run_config(args, os.path.join(args.keep, name), overwrite=True, **dtype, **changes)
         s = finished(cfg) if args.reuse else None
+        if s is None and name not in args.runs:
+            continue
         if s is None:
             s = train(cfg, log=lambda _: None, progress=False).summary
         rows.append((name, s))
         print(f"{name}: val loss {s.val_loss:.4f} ({s.train_seconds:.0f} s)", flush=True)
 
+    if not rows or rows[0][0] != "bf16":
+        return  # the bf16 baseline is another process's share
     base = rows[0][1]
     model = "wide config" if args.wide else f"preset {args.preset}"
     print(f"\n{model}, {args.steps} steps of {args.batch_size} x {args.seq_len} tokens, seed {args.seed}, "

@@ -1,7 +1,7 @@
 """FP8 numerics and cost: why the accumulation precision matters, what fine-grained scales buy with outliers,
 and what the emulated FP8 linear costs on this CPU.
 
-    .venv/bin/python benchmarks/bench_fp8.py                 # all three parts
+    .venv/bin/python benchmarks/bench_fp8.py                 # all four parts
 
 - accumulation: DeepSeek-V3 (section 3.3.2) observes that H800 tensor cores keep about 14 bits when they
   accumulate FP8 products, which costs close to 2% relative error at an inner dimension of 4096, and that
@@ -17,6 +17,8 @@ and what the emulated FP8 linear costs on this CPU.
   error (over all values, and over the ordinary channels) and the share of non-zero values that become zero.
 - cost: one linear layer's forward and backward (8 x 256 tokens, 256 -> 1024 and back), bf16 autocast
   against the FP8 emulation, same run.
+- step: the whole training step of the small preset (8 x 256 tokens, AdamW, balancing, MTP), `dsv3 train
+  --dtype bf16` against `--dtype fp8`, same run: the seconds per step between the second and the last step.
 """
 
 from __future__ import annotations
@@ -121,13 +123,35 @@ def cost(rounds: int = 20) -> None:
           f"({best['fp8'] / best['bf16']:.1f}x), median of {rounds}, {torch.get_num_threads()} threads")
 
 
+def step(steps: int = 12) -> None:
+    import json
+    import os
+    import tempfile
+
+    from dsv3.train import TrainConfig, train
+
+    print(f"\n## The small preset's training step, 8 x 256 tokens, seconds per step over steps 2-{steps}")
+    per_step = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for dtype in ("bf16", "fp8"):
+            out = os.path.join(tmp, dtype)
+            train(TrainConfig(preset="small", max_steps=steps, log_every=1, eval_every=steps, eval_windows=2,
+                              save_every=steps, samples=0, tensorboard=False, dtype=dtype, out=out),
+                  log=lambda _: None, progress=False)
+            with open(os.path.join(out, "metrics.jsonl")) as f:
+                elapsed = {r["step"]: r["elapsed"] for r in map(json.loads, f) if "loss" in r}
+            per_step[dtype] = (elapsed[steps] - elapsed[2]) / (steps - 2)
+    print(f"bf16 {per_step['bf16']:.2f} s, FP8 emulated {per_step['fp8']:.2f} s "
+          f"({per_step['fp8'] / per_step['bf16']:.2f}x), {torch.get_num_threads()} threads")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--part", choices=("accumulation", "quantisation", "cost"), action="append")
-    parts = ap.parse_args().part or ("accumulation", "quantisation", "cost")
+    ap.add_argument("--part", choices=("accumulation", "quantisation", "cost", "step"), action="append")
+    parts = ap.parse_args().part or ("accumulation", "quantisation", "cost", "step")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     for part in parts:
-        {"accumulation": accumulation, "quantisation": quantisation, "cost": cost}[part]()
+        {"accumulation": accumulation, "quantisation": quantisation, "cost": cost, "step": step}[part]()
 
 
 if __name__ == "__main__":
