@@ -27,8 +27,10 @@ def mtp_lambda(progress: float, cfg: TrainConfig) -> float:
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy in fp32 of logits [..., V] against targets [...], over the targets that are not IGNORE
     (zero, not NaN, when there are none: a chat window of context only)."""
-    total = F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
-    return total / (targets != IGNORE).sum().clamp(min=1)
+    logits = logits.flatten(0, -2).float()
+    mean = F.cross_entropy(logits, targets.flatten(), ignore_index=IGNORE)  # NaN when every target is IGNORE
+    # no host sync to test for that; the gradient stays finite (ignored rows get zero from the loss's backward)
+    return torch.where((targets != IGNORE).any(), mean, logits.sum() * 0)
 
 
 def balance_loss(routing: list[Routing], batch: int, cfg: TrainConfig) -> torch.Tensor | None:
