@@ -117,7 +117,9 @@ def test_gradient_accumulation_matches_one_bigger_batch(tmp_path, data):
     b, _ = quiet(config(tmp_path / "b", data, dtype="fp32", batch_size=2, grad_accum=2, max_steps=3, samples=0))
     wa, wb = weights(a.run_dir), weights(b.run_dir)
     for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], atol=2e-6, rtol=1e-4)
+        # rounding level: summing in another order moves a weight by ~1e-6, and AdamW's division by a small
+        # gradient's running size can grow that a few times on some CPUs (3e-6 on an AMX Xeon)
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
     assert torch.equal(wa["layers.1.ffn.gate.bias"], wb["layers.1.ffn.gate.bias"])  # same loads, same update
 
 
