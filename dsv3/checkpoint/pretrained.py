@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import warnings
 from collections.abc import Callable, Iterable
 
@@ -83,44 +82,23 @@ def load_pretrained(
     needed = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     check_memory(needed, f"the model in {path}", device, hint="load it in a smaller --dtype or on a larger machine")
     model = model.to_empty(device=device)
-    state = model.state_dict(keep_vars=True)
-    with torch.no_grad():
-        filled = _fill(reader, state, cfg, path)
-    _check_complete(state, filled, cfg, path)
+    _fill_all(reader, model.state_dict(keep_vars=True), cfg, path)
     return model
 
 
-def load_into(model: DeepSeekV3, path: str | os.PathLike, *, partial: bool = False, drop_mtp: bool = False) -> None:
+def load_into(model: DeepSeekV3, path: str | os.PathLike, *, subset: bool = False) -> None:
     """Fill an existing model's parameters and buffers (in their own dtypes) from the Hugging Face model
-    directory `path`, whose config must be the model's. `partial`: the model holds only part of it (a pipeline
-    rank's blocks), and the checkpoint's other tensors are passed over. `drop_mtp`: the checkpoint's MTP modules
-    beyond the model's own are passed over (training on without MTP)."""
-    reader = CheckpointReader(path)
-    state = model.state_dict(keep_vars=True)
-    cfg = model.config
-    last = cfg.num_hidden_layers + cfg.num_nextn_predict_layers  # the checkpoint's layers from here on are MTP
-    beyond = re.compile(r"model\.layers\.(\d+)\.")
-    if drop_mtp:
-        reader = _Without(reader, lambda k: (m := beyond.match(k)) is not None and int(m.group(1)) >= last)
+    directory `path`, whose config must be the model's. `subset`: the model holds only part of the checkpoint (a
+    pipeline rank's blocks, or no MTP module), and the checkpoint's tensors with no place in it are passed over;
+    every tensor of the model must still be there."""
+    _fill_all(CheckpointReader(path), model.state_dict(keep_vars=True), model.config, path, subset=subset)
+
+
+def _fill_all(reader: CheckpointReader, state: dict[str, torch.Tensor], cfg: ModelConfig, path, *,
+              subset: bool = False) -> None:
     with torch.no_grad():
-        filled = _fill(reader, state, model.config, path, partial=partial)
-    _check_complete(state, filled, model.config, path)
-
-
-class _Without:
-    """A checkpoint reader that hides the tensors whose names `drop` picks."""
-
-    def __init__(self, reader: CheckpointReader, drop):
-        self.reader, self.drop = reader, drop
-
-    def keys(self):
-        return [k for k in self.reader.keys() if not self.drop(k)]
-
-    def __getattr__(self, name):
-        return getattr(self.reader, name)
-
-    def __contains__(self, key) -> bool:
-        return key in self.reader and not self.drop(key)
+        filled = _fill(reader, state, cfg, path, subset=subset)
+    _check_complete(state, filled, cfg, path)
 
 
 def _checkpoint_dtype(reader: CheckpointReader) -> torch.dtype:
@@ -132,9 +110,9 @@ def _checkpoint_dtype(reader: CheckpointReader) -> torch.dtype:
 
 
 def _fill(reader: CheckpointReader, state: dict[str, torch.Tensor], cfg: ModelConfig, path,
-          partial: bool = False) -> set:
+          subset: bool = False) -> set:
     """Copy every checkpoint tensor into its place in `state`; returns the (key, expert) pairs filled. A tensor
-    with no place in this model (unless `partial`), or of the wrong shape, is an error that names it."""
+    with no place in this model (unless `subset`), or of the wrong shape, is an error that names it."""
     filled: set[tuple[str, int | None]] = set()
     unexpected = []
     for key in reader.keys():
@@ -142,8 +120,8 @@ def _fill(reader: CheckpointReader, state: dict[str, torch.Tensor], cfg: ModelCo
             continue
         target = names.hf_to_ours(key, cfg.num_hidden_layers, cfg.num_nextn_predict_layers)
         if target is None or target.key not in state:
-            # transformers writes empty shared experts when there are none; a partial model skips the rest
-            if 0 not in reader.shape(key) and not (partial and target is not None):
+            # transformers writes empty shared experts when there are none; a subset model skips the rest
+            if 0 not in reader.shape(key) and not subset:
                 unexpected.append(key)
             continue
         if target.copy_of_shared:

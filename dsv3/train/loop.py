@@ -121,7 +121,7 @@ class Trainer:
     def _convert(self, model) -> None:
         """Before the parallelisms: the starting weights of a fine-tuning run, then FP8's module switch."""
         if self.cfg.init_from and not self.cfg.resume:
-            load_into(model, self.cfg.init_from, partial=self.d.layout.pp > 1, drop_mtp=not self.cfg.mtp)
+            load_into(model, self.cfg.init_from, subset=self.d.layout.pp > 1 or not self.cfg.mtp)
         if self.cfg.dtype == "fp8":
             apply_fp8(model, self.cfg.fp8_recipe)
 
