@@ -10,6 +10,6 @@ text fields, chat records) are scanned by `dsv3.audit.scan` and the `dsv3 audit`
 language data lives in `dsv3/audit/lang/`, one file per language.
 """
 
-from dsv3.audit.auditor import Auditor, Finding, Slot
+from dsv3.audit.auditor import CREATOR, IDENTITY, Auditor, Finding, Slot
 
-__all__ = ["Auditor", "Finding", "Slot"]
+__all__ = ["CREATOR", "IDENTITY", "Auditor", "Finding", "Slot"]

@@ -54,6 +54,9 @@ def _normal(name: str) -> str:
     return re.sub(r"[\W_]+", "", name).lower()
 
 
+IDENTITY, CREATOR = "dsv3", "the dsv3 authors"  # the assistant's own name and maker, unless told otherwise
+
+
 class Auditor:
     """Finds and fixes claims of another model's identity in text.
 
@@ -69,7 +72,7 @@ class Auditor:
     `identity` or `creator` are never flagged. `languages` picks language codes (default: all).
     """
 
-    def __init__(self, identity: str = "dsv3", creator: str = "the dsv3 authors",
+    def __init__(self, identity: str = IDENTITY, creator: str = CREATOR,
                  languages: list[str] | tuple[str, ...] | None = None):
         self.identity = identity
         self.creator = creator

@@ -5,6 +5,8 @@ never each other.
 - `add_model`: which model to run (generate, chat, serve): --model DIR or --preset NAME, --dtype, --threads.
 - `add_serving`: how to run it: --cache-dtype, --speculative, --max-len, and --max-batch where it applies.
 - `add_sampling`: how to pick tokens: --max-new-tokens, --temperature, --top-k, --top-p, --seed, --stop.
+- `add_identity`, `add_chat_fields`: the assistant's own name and maker; where the turns are in a JSONL chat
+  record (audit, sft, eval).
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ def load_model(args: argparse.Namespace):
     if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:  # it seeds a preset's weights too, before any sampling
         raise InvalidValue("seed", seed, f"must be an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]")
     loaded = load(args.model, args.preset, args.dtype, seed=seed)
-    if getattr(args, "speculative", None) and not len(loaded.model.mtp):
+    if args.speculative and not len(loaded.model.mtp):
         raise Dsv3Error(f"--speculative mtp needs a model with an MTP module; {loaded.name} has none")
     return loaded
 
@@ -89,12 +91,15 @@ def make_engine(args: argparse.Namespace, loaded):
 
 
 # ----- sampling --------------------------------------------------------------------------------------------
-def add_sampling(parser: argparse.ArgumentParser, temperature: float) -> None:
-    parser.add_argument("--max-new-tokens", type=int, default=128, metavar="N")
+def add_sampling(parser: argparse.ArgumentParser, temperature: float, *, max_new_tokens: int = 128,
+                 top_p: float = 1.0) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens, metavar="N",
+                        help=f"tokens to generate at most (default: {max_new_tokens})")
     parser.add_argument("--temperature", type=float, default=temperature, metavar="T", help="0 is greedy "
                         f"(default: {temperature})")
     parser.add_argument("--top-k", type=int, default=0, metavar="K", help="sample among the K likeliest (0: all)")
-    parser.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (default: 1)")
+    parser.add_argument("--top-p", type=float, default=top_p, metavar="P",
+                        help=f"nucleus sampling mass (default: {top_p:g})")
     parser.add_argument("--seed", type=int, default=0, metavar="S", help="sampling seed, and a preset's weights")
     parser.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop before TEXT (repeatable)")
 
@@ -114,3 +119,27 @@ def sampling_params(args: argparse.Namespace, stop_token_ids: tuple[int, ...]):
 
     return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, seed=args.seed, stop_token_ids=stop_token_ids, stop=tuple(args.stop))
+
+
+# ----- identity and chat records ---------------------------------------------------------------------------
+def add_identity(parser, identity_help: str, creator_help: str) -> None:
+    """--identity and --creator: the assistant's own name and maker (defaults `dsv3.audit.IDENTITY`, `CREATOR`)."""
+    from dsv3.audit import CREATOR, IDENTITY
+
+    parser.add_argument("--identity", default=IDENTITY, help=f"{identity_help} (default: {IDENTITY})")
+    parser.add_argument("--creator", default=CREATOR, help=f"{creator_help} (default: {CREATOR})")
+
+
+def add_chat_fields(parser, assistant_help: str) -> None:
+    """Where the turns are in a JSONL chat record (`dsv3.audit.sources.Fields`)."""
+    add = parser.add_argument
+    add("--messages-field", default="messages", help="JSONL field holding chat turns (default: messages)")
+    add("--role-field", default="role", help="field of a turn naming the speaker (default: role)")
+    add("--content-field", default="content", help="field of a turn holding its text (default: content)")
+    add("--assistant-role", default="assistant", help=f"{assistant_help} (default: assistant)")
+
+
+def chat_fields(args: argparse.Namespace, text_field: str = "text"):
+    from dsv3.audit.sources import Fields
+
+    return Fields(text_field, args.messages_field, args.role_field, args.content_field, args.assistant_role)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from dsv3.commands.options import add_chat_fields, add_identity, chat_fields
 from dsv3.commands.recipe import CLI_ONLY, S, add_recipe_arguments, add_run_directory_arguments, recipe_config
 from dsv3.config import PRESETS
 from dsv3.train.config import TrainConfig
@@ -43,14 +44,8 @@ def _model_and_data(parser: argparse.ArgumentParser, d: TrainConfig) -> None:
                             "greetings, identity turns in English, Chinese and Hindi)")
     group.add_argument("--epochs", type=float, default=DEFAULT_EPOCHS,
                        help=f"passes over the training conversations, unless --max-steps (default: {DEFAULT_EPOCHS:g})")
-    group.add_argument("--identity", default="dsv3", help="the built-in set's answer to 'who are you' (default: dsv3)")
-    group.add_argument("--creator", default="the dsv3 authors",
-                       help="the built-in set's answer to 'who made you' (default: the dsv3 authors)")
-    group.add_argument("--messages-field", default="messages", help="JSONL field holding the turns (default: messages)")
-    group.add_argument("--role-field", default="role", help="field of a turn naming the speaker (default: role)")
-    group.add_argument("--content-field", default="content", help="field of a turn holding its text (default: content)")
-    group.add_argument("--assistant-role", default="assistant",
-                       help="the role whose turns are learnt (default: assistant)")
+    add_identity(group, "the built-in set's answer to 'who are you'", "the built-in set's answer to 'who made you'")
+    add_chat_fields(group, "the role whose turns are learnt")
     group.add_argument("--out", metavar="DIR", default=S, help="the run directory (default: runs/sft)")
     group.add_argument("--data-dir", metavar="DIR", default=S,
                        help="where the chats are tokenized (default: the run directory's name + '-data')")
@@ -69,16 +64,13 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dsv3.audit.sources import Fields
     from dsv3.data.chat import read_chats
     from dsv3.data.chat_builtin import builtin_chats, validation_names
     from dsv3.train.sft import finetune
 
     cfg = config_from_args(args)
     if hasattr(args, "data"):
-        fields = Fields(messages=args.messages_field, role=args.role_field, content=args.content_field,
-                        assistant=args.assistant_role)
-        conversations, held_out = list(read_chats(list(args.data), fields)), None
+        conversations, held_out = list(read_chats(list(args.data), chat_fields(args))), None
     else:
         conversations = builtin_chats(args.identity, args.creator)
         held_out = validation_names(conversations)

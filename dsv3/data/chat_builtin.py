@@ -24,6 +24,7 @@ import inspect
 import re
 import zlib
 
+from dsv3.audit.auditor import CREATOR, IDENTITY
 from dsv3.data.chat import Conversation
 
 MODULES = ("bisect", "base64", "calendar", "collections", "colorsys", "copy", "csv", "difflib", "fnmatch",
@@ -103,7 +104,7 @@ def greetings() -> list[Conversation]:
             for lang, pairs in GREETINGS.items() for i, (q, a) in enumerate(pairs)]
 
 
-def identity(identity_name: str = "dsv3", creator: str = "the dsv3 authors") -> list[Conversation]:
+def identity(identity_name: str = IDENTITY, creator: str = CREATOR) -> list[Conversation]:
     """Every identity phrasing in every setting; the identity answer is always the last turn."""
     out = []
     for lang, questions in IDENTITY_QUESTIONS.items():
@@ -119,7 +120,7 @@ def identity(identity_name: str = "dsv3", creator: str = "the dsv3 authors") -> 
     return out
 
 
-def builtin_chats(identity_name: str = "dsv3", creator: str = "the dsv3 authors") -> list[Conversation]:
+def builtin_chats(identity_name: str = IDENTITY, creator: str = CREATOR) -> list[Conversation]:
     """The whole set, in a fixed order."""
     return documentation() + greetings() + identity(identity_name, creator)
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dsv3 import corpus
-from dsv3.audit import Auditor
+from dsv3.audit import CREATOR, IDENTITY, Auditor
 from dsv3.chat_template import ChatTemplate
 from dsv3.errors import Dsv3Error
 from dsv3.infer import Engine
@@ -91,7 +91,7 @@ def read_prompts(path: str) -> list[Prompt]:
 class Judge:
     """Classifies answers: another identity claimed, the configured one named, or neither."""
 
-    def __init__(self, identity: str = "dsv3", creator: str = "the dsv3 authors"):
+    def __init__(self, identity: str = IDENTITY, creator: str = CREATOR):
         self.auditor = Auditor(identity=identity, creator=creator)
         names = [n for n in (identity, creator) if n.strip()]
         self.own = re.compile("|".join(re.escape(n) for n in names), re.IGNORECASE) if names else None
