@@ -28,13 +28,13 @@ import time
 
 import torch
 
-from dsv3.chat_template import ChatTemplate
+from dsv3.audit import CREATOR, IDENTITY
 from dsv3.checkpoint import save_pretrained
 from dsv3.config import preset
 from dsv3.data.chat import read_chats, write_jsonl
 from dsv3.data.chat_builtin import builtin_chats, contaminate
 from dsv3.model import DeepSeekV3
-from dsv3.tokenizer import Tokenizer
+from dsv3.train.sft import train_chat_tokenizer
 
 SHARES = (0, 1, 5, 20, 100)
 FIXED = (20, 100)
@@ -86,9 +86,7 @@ def fresh_base(name: str, files: list[str], out: str) -> str:
     """A freshly initialised model of preset `name` with a BPE trained on the chats of `files`, as a model
     directory (what `dsv3 sft --model` takes)."""
     cfg = preset(name)
-    template = ChatTemplate()
-    texts = [template.render(c.messages, add_generation_prompt=False) for f in files for c in read_chats([f])]
-    tokenizer = Tokenizer.train(texts, vocab_size=cfg.vocab_size)
+    tokenizer = train_chat_tokenizer(list(read_chats(files)), cfg.vocab_size)
     torch.manual_seed(0)
     model = DeepSeekV3(cfg)
     model.init_weights()
@@ -117,8 +115,8 @@ def main() -> None:
     ap.add_argument("--shares", type=int, nargs="+", default=list(SHARES), help="contaminated shares k, percent")
     ap.add_argument("--fix", type=int, nargs="*", default=list(FIXED), help="shares also run after audit --fix")
     ap.add_argument("--samples", type=int, default=4, help="answers per identity question")
-    ap.add_argument("--identity", default="dsv3")
-    ap.add_argument("--creator", default="the dsv3 authors")
+    ap.add_argument("--identity", default=IDENTITY)
+    ap.add_argument("--creator", default=CREATOR)
     ap.add_argument("--keep", default="runs/identity", help="where data, models and results go")
     ap.add_argument("--json", help="write the results here as well")
     args, extra = ap.parse_known_args()  # anything else goes to every `dsv3 sft`

@@ -41,9 +41,14 @@ def chat_tokenizer(cfg: TrainConfig, conversations: Sequence[Conversation]) -> T
             raise Dsv3Error(f"{cfg.init_from} has no {TOKENIZER_FILE}; fine-tuning needs the tokenizer the model "
                             "was trained with")
         return Tokenizer.from_dir(cfg.init_from)
+    return train_chat_tokenizer(conversations, cfg.model().vocab_size)
+
+
+def train_chat_tokenizer(conversations: Sequence[Conversation], vocab_size: int) -> Tokenizer:
+    """A byte-level BPE trained on the conversations as DeepSeek-V3's format renders them."""
     template = ChatTemplate()
-    texts = [template.render(c.messages, add_generation_prompt=False) for c in conversations]
-    return Tokenizer.train(texts, vocab_size=cfg.model().vocab_size)
+    return Tokenizer.train([template.render(c.messages, add_generation_prompt=False) for c in conversations],
+                           vocab_size=vocab_size)
 
 
 def epochs_to_steps(info: DatasetInfo, cfg: TrainConfig, epochs: float) -> int:
