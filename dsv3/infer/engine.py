@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dsv3.infer.config import ServingConfig
+from dsv3.infer.logprobs import TokenLogprob, prompt_logprobs, token_logprobs
 from dsv3.infer.sampling import SamplingParams, sample
 from dsv3.infer.speculative import Draft, draft_token, verify
 from dsv3.infer.text import Decoder, TextStream
@@ -56,6 +57,8 @@ class Sequence:
     stream: TextStream | None = None
     id: int = field(default_factory=lambda: next(_ids))
     tokens: list[int] = field(default_factory=list)  # generated so far, stop token included
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per generated token, with params.logprobs
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # one per prompt token, with params.prompt_logprobs
     finish_reason: str | None = None  # "stop", "length", "cancelled" or "error" once done
     error: str | None = None  # what went wrong for this sequence alone (finish_reason "error")
     row: int | None = None
@@ -245,14 +248,21 @@ class Engine:
         last = (lengths - 1).to(self.device)[:, None]  # [B, 1], each prompt's last position
         self._reserve(T, batch)
         out = self.model.run(ids, positions, cache, attn="naive", logits_at=last)
-        for s, row_logits in zip(batch, out.logits[:, 0]):
+        for s, hidden, row_logits in zip(batch, out.hidden, out.logits[:, 0]):
             with self._alone(s):
-                self._append(s, sample(row_logits, s.params, s.generator))
+                if s.params.prompt_logprobs is not None:  # scoring: the prefill's states give every position
+                    s.prompt_logprobs = prompt_logprobs(self.model.logits, hidden[: len(s.prompt)], s.prompt,
+                                                        s.params.prompt_logprobs)
+                if s.params.max_new_tokens == 0:
+                    self._finish(s, "length")
+                else:
+                    self._append(s, sample(row_logits, s.params, s.generator), row_logits)
         if self.speculative:
-            # MTP slot p reads (h_p, t_{p+1}): the prompt shifted by one, then the token just sampled
+            # MTP slot p reads (h_p, t_{p+1}): the prompt shifted by one, then the token just sampled (any
+            # token where none was: the draft of a finished sequence is never read)
             next_ids = torch.zeros_like(ids)
             for i, s in enumerate(batch):
-                next_ids[i, : len(s.prompt)] = torch.tensor(s.prompt[1:] + s.tokens[:1])
+                next_ids[i, : len(s.prompt)] = torch.tensor(s.prompt[1:] + (s.tokens[:1] or [0]))
             draft = self.model.mtp_step(out.hidden, next_ids, positions, cache, attn="naive", logits_at=last)
             self._draft(batch, draft.logits[:, 0])
         self.stats.prompt_tokens += int(lengths.sum())
@@ -267,12 +277,12 @@ class Engine:
         cache = self.cache.rows([s.row for s in active])
         logits = self.model.run(ids, positions, cache, attn="absorb").logits[:, -1]  # [B, V]
         if all(s.params.greedy for s in active):
-            for s, t in zip(active, logits.argmax(dim=-1).tolist()):
-                self._append(s, t)
+            for s, t, row_logits in zip(active, logits.argmax(dim=-1).tolist(), logits):
+                self._append(s, t, row_logits)
         else:
             for s, row_logits in zip(active, logits):
                 with self._alone(s):
-                    self._append(s, sample(row_logits, s.params, s.generator))
+                    self._append(s, sample(row_logits, s.params, s.generator), row_logits)
 
     def _speculative_step(self, active: list[Sequence]) -> None:
         """Feed [last token, draft] at [n, n+1]: position n's logits judge the draft, position n+1's give the
@@ -290,8 +300,8 @@ class Engine:
                 new = verify(out.logits[i], s.draft, s.params, s.generator)
                 s.n_drafted += 1
                 s.n_accepted += len(new) - 1
-                for t in new:
-                    self._append(s, t)
+                for t, row_logits in zip(new, out.logits[i]):
+                    self._append(s, t, row_logits)
             accepted.append(len(new) - 1)
             next_ids[i] = torch.tensor([new[0], new[-1]])  # the second slot is only read when accepted
         self.stats.drafted += len(active)
@@ -335,10 +345,13 @@ class Engine:
             if s.stream is not None:
                 s._new_text = ""
 
-    def _append(self, s: Sequence, token: int) -> None:
+    def _append(self, s: Sequence, token: int, logits: torch.Tensor) -> None:
+        """Add `token`, sampled from logits [V], to s and end s if it should end there."""
         if s.done:
             return
         s.tokens.append(token)
+        if s.params.logprobs is not None:
+            s.logprobs += token_logprobs(logits[None], torch.tensor([token], device=logits.device), s.params.logprobs)
         s._new_tokens.append(token)
         self.stats.generated_tokens += 1
         if token in s.params.stop_token_ids:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dsv3.errors import InvalidValue
+from dsv3.infer.logprobs import MAX_TOP_LOGPROBS
 
 MIN_TEMPERATURE = 1e-4  # below this, sampling is greedy (exp(logit gap / T) leaves nothing but the argmax)
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
@@ -31,9 +32,18 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()  # end the sequence on any of these (not part of the text)
     stop: tuple[str, ...] = field(default_factory=tuple)  # end the text before the first of these strings
+    logprobs: int | None = None  # record each generated token's log-probability and this many alternatives
+    prompt_logprobs: int | None = None  # likewise for every prompt token (scoring); max_new_tokens may then be 0
 
     def __post_init__(self) -> None:
-        _integer("max_new_tokens", self.max_new_tokens, 1, None, "must be an integer of at least 1")
+        if self.prompt_logprobs is None:
+            _integer("max_new_tokens", self.max_new_tokens, 1, None, "must be an integer of at least 1")
+        else:  # scoring a prompt may generate nothing
+            _integer("max_new_tokens", self.max_new_tokens, 0, None, "must be an integer of at least 0")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None:
+                _integer(name, value, 0, MAX_TOP_LOGPROBS, f"must be an integer from 0 to {MAX_TOP_LOGPROBS}")
         _number("temperature", self.temperature, "must be a finite number >= 0 (0 is greedy)")
         if self.temperature < 0:
             raise InvalidValue("temperature", self.temperature, "must be a finite number >= 0 (0 is greedy)")

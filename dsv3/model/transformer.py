@@ -198,6 +198,11 @@ class DeepSeekV3(nn.Module):
         h, r = module(hidden, self.embed(next_ids), ctx, cache, attn)
         return Output(logits=self._head(module.norm, h, logits_at), hidden=h, routing=[r])
 
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The main head's logits [..., V] of last-block states hidden [..., d] (`Output.hidden`): for the
+        positions a caller wants after a forward that computed only some (scoring a prompt after prefill)."""
+        return self.head(self.norm(hidden))
+
     def _head(self, norm: RMSNorm, h: torch.Tensor, logits_at: torch.Tensor | None) -> torch.Tensor:
         """The shared output head after `norm`, at every column of h [B, T, d] or only at logits_at [B, K]."""
         if logits_at is not None:
