@@ -135,8 +135,9 @@ def main() -> None:
         out = os.path.join(args.keep, "sft-" + os.path.basename(path).removesuffix(".jsonl"))
         dsv3("sft", "--model", base, "--data", path, "--out", out, "--overwrite", "--no-progress", "--no-tensorboard",
              *tuning)
-        report = json.loads(dsv3("eval", "identity", "--model", out, "--samples", str(args.samples),
-                                 "--identity", args.identity, "--creator", args.creator, "--json", capture=True))
+        answer = dsv3("eval", "identity", "--model", out, "--samples", str(args.samples), "--identity", args.identity,
+                      "--creator", args.creator, "--json", capture=True)
+        report = json.loads(answer)["identity"]
         rows[row] = {"data": findings(path, args.identity, args.creator), "eval": report}
         print(f"{row}: other {report['other_rate']:.1%}, own {report['own_rate']:.1%} "
               f"({time.perf_counter() - start:.0f} s)", flush=True)

@@ -219,12 +219,16 @@ class ByteTokenizer:
 
     bos_id = None
     eos_id = None
+    bos_token = eos_token = pad_token = None
     vocab_size = 256
     max_token_bytes = 1
     config: dict[str, Any] = {}  # no tokenizer_config.json, so no chat template: DeepSeek-V3's format
 
     def encode(self, text: str, bos: bool = False) -> list[int]:
         return list(text.encode("utf-8"))
+
+    def id_to_token(self, i: int) -> str:
+        return self.decode([i])
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         out, run = [], bytearray()

@@ -431,6 +431,10 @@ def test_bad_flags_and_inputs_are_one_sentence(model_dir, tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.jsonl").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00binary\xff\xfe\n{}")
+    mc = tmp_path / "mc.jsonl"
+    mc.write_text(json.dumps({"question": "which?", "choices": ["a", "b"], "answer": 2}) + "\n")
+    ppl = tmp_path / "ppl.jsonl"
+    ppl.write_text(json.dumps({"text": "a document"}) + "\n")
     (model_dir / "tokenizer_config.json").write_text("[1, 2, 3]")
     cases = [
         ("serve", ["--preset", "tiny", "--port", "-1"], "--port -1 must be a port number"),
@@ -446,6 +450,10 @@ def test_bad_flags_and_inputs_are_one_sentence(model_dir, tmp_path, capsys):
         ("cost", ["--from-run", str(run)], "line 1 is not JSON"),
         ("report", [str(run)], "line 1 is not a metrics record"),
         ("generate", ["--model", str(model_dir), "hi"], "must hold a JSON object"),
+        ("eval", ["--model", str(model_dir), str(tmp_path / "nowhere.jsonl")], "does not exist"),
+        ("eval", ["--model", str(model_dir), str(deep)], "nested too deeply"),
+        ("eval", ["--model", str(model_dir), str(mc)], "\"answer\" must be the index of the right choice"),
+        ("eval", ["--model", str(model_dir), str(ppl), "--max-len", "2"], "--max-len 2 must be from 3"),
     ]
     for verb, args, message in cases:
         assert main([verb, *args]) == 2, (verb, args)
@@ -525,7 +533,11 @@ def test_damaged_files_give_exit_0_or_one_sentence(model_dir, tmp_path, capsys, 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p, "language": lang}) + "\n"
                                for p, lang in (("Who are you?", "en"), ("你是谁？", "zh"))))
+    choices = tmp_path / "choices.jsonl"
+    choices.write_text("".join(json.dumps({"question": f"Question {i}:", "choices": ["yes", "no"], "answer": i % 2})
+                               + "\n" for i in range(3)))
     verbs = {
+        choices: [("eval", ["--model", str(model_dir), str(choices), "--max-len", "32", "--max-batch", "4"])],
         chats: [("sft", ["--preset", "tiny", "--data", str(chats), "--out", str(tmp_path / "sft"), "--overwrite",
                          "--max-steps", "1", "--seq-len", "32", "--batch-size", "2", "--eval-windows", "1",
                          "--peak-tflops", "1", "--no-tensorboard", "--no-progress"])],

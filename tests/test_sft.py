@@ -215,7 +215,7 @@ def test_dsv3_sft_trains_on_the_answers_resumes_exactly_and_writes_a_model_eval_
     with one_thread():
         assert main(["eval", "identity", "--model", str(tmp_path / "sft"), "--prompts", str(prompts),
                      "--samples", "3", "--max-new-tokens", "4", "--json"]) == 0
-    report = json.loads(capsys.readouterr().out)
+    report = json.loads(capsys.readouterr().out)["identity"]
     assert {lang: r["n"] for lang, r in report["languages"].items()} == {"en": 3, "zh": 3}
     assert all(abs(sum(r[v] for v in ("other", "own", "neither")) - 1) < 1e-9 for r in report["languages"].values())
 

@@ -16,6 +16,7 @@ import threading
 from dataclasses import dataclass, field
 
 from dsv3.infer import Engine, SamplingParams, Sequence
+from dsv3.infer.logprobs import TokenLogprob
 
 log = logging.getLogger("dsv3.serve")
 
@@ -30,6 +31,8 @@ class Event:
     n_tokens: int  # completion tokens so far
     finish_reason: str | None = None
     error: str | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # the new tokens', when the request asked
+    first: bool = False  # the request's first event (set by the server as it reads them)
 
 
 @dataclass(eq=False)
@@ -43,6 +46,7 @@ class Handle:
     seq: Sequence | None = None
     cancelled: bool = False
     finished: bool = False
+    logprobs_sent: int = 0
 
 
 class Batcher:
@@ -118,7 +122,8 @@ class Batcher:
                     if seq.finish_reason == "error":  # this request alone failed; the others go on
                         self._post(h, Event("", len(seq.tokens), error=seq.error))
                     else:
-                        self._post(h, Event(text, len(seq.tokens), seq.finish_reason))
+                        new, h.logprobs_sent = seq.logprobs[h.logprobs_sent :], len(seq.logprobs)
+                        self._post(h, Event(text, len(seq.tokens), seq.finish_reason, logprobs=new))
         self._take_inbox()
         self._fail_all("the server is shutting down")
 
