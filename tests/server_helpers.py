@@ -67,11 +67,12 @@ def call(port, method, path, body=None, key=KEY, raw=None, headers=None):
 
 
 def wait_idle(port, timeout=10.0):
-    """Poll /health until nothing is in flight and every cache row is free; return the last answer."""
+    """Poll /health until nothing is in flight, every batch slot is free and no cache block is held (the pool
+    never leaks, whatever became of the requests); return the last answer."""
     deadline = time.monotonic() + timeout
     while True:
         _, health = call(port, "GET", "/health")
-        if health["in_flight"] == 0 and health["free_slots"] == health["slots"]:
+        if health["in_flight"] == 0 and health["free_slots"] == health["slots"] and not health["cache_blocks_in_use"]:
             return health
         assert time.monotonic() < deadline, f"still busy after {timeout}s: {health}"
         time.sleep(0.05)

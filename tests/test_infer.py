@@ -124,23 +124,25 @@ def test_decode_sized_steps_absorbed_equal_naive_with_mtp():
 
 
 def test_cache_grows_with_the_requests_not_with_the_model_context():
-    """A model that allows 163,840 tokens gets a cache as long as prompt + max_new_tokens, grown as they come."""
+    """A model that allows 163,840 tokens takes cache blocks as tokens arrive, and its storage grows with them."""
     model = random_tiny()
     model.config = model.config.replace(max_position_embeddings=163840)
-    engine = Engine(model, max_batch=2, cache_dtype="fp32")
-    assert engine.max_len == 163840 and engine.cache.max_len == 0
+    engine = Engine(model, max_batch=2, cache_dtype="fp32", block_size=16)
+    first = engine.cache.n_blocks
+    assert engine.max_len == 163840 and first == 1  # the padding block alone
     short = engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=5))[0]
-    assert engine.cache.max_len <= 3 + 5 and len(short.tokens) == 5
+    assert len(short.tokens) == 5 and engine.cache.n_blocks <= 1 + engine.GROW_TOKENS // 16
     prompt = list(range(1, 41))
-    seq = engine.generate([prompt], SamplingParams(max_new_tokens=30))[0]
-    assert engine.cache.max_len <= 40 + 30
-    assert seq.tokens == Engine(model, max_batch=1, cache_dtype="fp32").generate([prompt], SamplingParams(
+    seqs = engine.generate([prompt] * 2 + [list(range(5, 300))], SamplingParams(max_new_tokens=30))
+    held = engine.cache.n_blocks * 16
+    assert held <= (2 * (40 + 30) + 295 + 30) * engine.GROWTH + engine.GROW_TOKENS and engine.pool.in_use == 0
+    assert seqs[0].tokens == Engine(model, max_batch=1, cache_dtype="fp32").generate([prompt], SamplingParams(
         max_new_tokens=30))[0].tokens  # growing kept what was cached
     bounded = Engine(model, cache_dtype="fp32", max_len=20)
     with pytest.raises(ValueError, match="context holds 20"):
         bounded.add(list(range(1, 25)), GREEDY)
     assert bounded.generate([[1, 2]], SamplingParams(max_new_tokens=50))[0].finish_reason == "length"
-    assert bounded.cache.max_len <= 21
+    assert bounded.cache.n_blocks <= 1 + bounded.GROW_TOKENS // bounded.block_size
 
 
 def test_rows_are_reused_as_sequences_finish():
@@ -154,7 +156,7 @@ def test_rows_are_reused_as_sequences_finish():
         steps += 1
         assert len(engine.running) <= 2
     assert [len(s.tokens) for s in seqs] == [3, 9, 5, 4] and steps < 3 + 9 + 5 + 4
-    assert sorted(engine.free_rows) == [0, 1]
+    assert engine.free_slots == 2 and engine.pool.in_use == 0
     for s, p in zip(seqs, params):  # a reused row holds nothing of its previous sequence
         assert s.tokens == Engine(model, max_batch=1, cache_dtype="fp32").generate([s.prompt], p)[0].tokens
 
@@ -174,7 +176,8 @@ def test_stop_tokens_stop_strings_and_cancel():
     engine.step()
     engine.cancel(seq)
     engine.step()
-    assert seq.finish_reason == "cancelled" and not engine.running and len(engine.free_rows) == engine.max_batch
+    assert seq.finish_reason == "cancelled" and not engine.running and engine.free_slots == engine.max_batch
+    assert engine.pool.in_use == 0
     with pytest.raises(ValueError, match="context"):
         engine.add([1] * engine.max_len, GREEDY)
 
@@ -281,8 +284,8 @@ def test_generate_on_a_long_context_model_allocates_what_the_request_needs(tmp_p
     prompt = "the latent cache"
     assert main(["generate", "--model", str(long), "--max-new-tokens", "16", "--stats", prompt]) == 0
     stats = capsys.readouterr().err
-    slots, rows = re.search(r"cache: (\d+) tokens x (\d+) row", stats).groups()
-    assert int(rows) == 1 and int(slots) <= len(tok.encode(prompt, bos=True)) + 16
+    blocks, size = re.search(r"cache: (\d+) block\(s\) of (\d+) tokens held", stats).groups()
+    assert int(blocks) == -(-(len(tok.encode(prompt, bos=True)) + 16) // int(size))
 
 
 def test_chat_streams_answers_over_several_turns(monkeypatch, capsys):

@@ -47,7 +47,9 @@ def run(args: argparse.Namespace) -> int:
         if s.acceptance is not None:
             line += f"; MTP acceptance {s.acceptance:.1%} ({s.accepted}/{s.drafted})"
         cache = engine.cache
-        line += (f"\ncache: {cache.max_len} tokens x {cache.batch_size} row(s), {cache.nbytes / 2**10:,.1f} KiB "
-                 f"({args.cache_dtype}; the model allows {engine.max_len} tokens)")
+        used = engine.pool.peak
+        kib = used * cache.block_size * cache.nbytes_per_token() / 2**10
+        line += (f"\ncache: {used} block(s) of {cache.block_size} tokens held, {kib:,.1f} KiB ({args.cache_dtype}; "
+                 f"the model allows {engine.max_len} tokens)")
         print(line, file=sys.stderr)
     return 0

@@ -3,7 +3,8 @@ never each other.
 
 - `add_config_source`: which model configuration (info, prepare, cost, plan): --preset / --config / --model.
 - `add_model`: which model to run (generate, chat, serve): --model DIR or --preset NAME, --dtype, --threads.
-- `add_serving`: how to run it: --cache-dtype, --speculative, --max-len, and --max-batch where it applies.
+- `add_serving`: how to run it: --cache-dtype, --speculative, --max-len, the paged cache's --block-size,
+  --cache-tokens, --prefill-chunk, --no-prefix-cache, and --max-batch where it applies.
 - `add_sampling`: how to pick tokens: --max-new-tokens, --temperature, --top-k, --top-p, --seed, --stop.
 - `add_identity`, `add_chat_fields`: the assistant's own name and maker; where the turns are in a JSONL chat
   record (audit, sft, eval).
@@ -59,7 +60,17 @@ def add_serving(parser: argparse.ArgumentParser, *, max_batch: int | None = None
                              "the cache grows with the requests up to it")
     if max_batch is not None:
         parser.add_argument("--max-batch", type=int, default=max_batch, metavar="N",
-                            help=f"sequences decoded together, cache rows (default: {max_batch})")
+                            help=f"sequences decoded together (default: {max_batch})")
+    parser.add_argument("--block-size", type=int, default=64, metavar="N",
+                        help="positions per block of the paged cache (default: 64)")
+    parser.add_argument("--cache-tokens", type=int, metavar="N",
+                        help="the cache pool's size in tokens, all sequences together; a request waits until the pool "
+                             "can hold its prompt + max new tokens (default: --max-batch sequences of --max-len)")
+    parser.add_argument("--prefill-chunk", type=int, metavar="TOKENS",
+                        help="prefill at most this many prompt tokens per step, between decode steps, so a long "
+                             "prompt does not stall the running streams (default: whole prompts)")
+    parser.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                        help="do not reuse cached blocks of prompts that start alike (default: reuse them)")
 
 
 def load_model(args: argparse.Namespace):
@@ -86,7 +97,9 @@ def make_engine(args: argparse.Namespace, loaded):
     from dsv3.infer import Engine, ServingConfig
 
     config = ServingConfig(max_batch=getattr(args, "max_batch", 1), max_len=args.max_len,
-                           cache_dtype=args.cache_dtype, speculative=bool(args.speculative))
+                           cache_dtype=args.cache_dtype, speculative=bool(args.speculative),
+                           block_size=args.block_size, cache_tokens=args.cache_tokens,
+                           prefill_chunk=args.prefill_chunk, prefix_cache=args.prefix_cache)
     return Engine(loaded.model, loaded.tokenizer, config)
 
 

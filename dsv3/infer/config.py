@@ -1,9 +1,9 @@
 """How a model is served: one configuration, and one context-length policy, for generate, chat and serve.
 
 The context bound `max_len` limits how long a sequence may grow (prompt and generated tokens); it defaults
-to the model's `max_position_embeddings`. It is a bound, not an allocation: the engine sizes its cache to
-what the requests in flight can use (each one's prompt plus its max_new_tokens) and grows it as they get
-there, so a short prompt on a 163,840-token model costs a short cache.
+to the model's `max_position_embeddings`. It is a bound, not an allocation: the cache is a pool of blocks
+handed out as tokens arrive, so a short prompt on a 163,840-token model costs a few blocks. `cache_tokens`
+caps the pool; a request is admitted when the pool can promise it its prompt plus max_new_tokens.
 """
 
 from __future__ import annotations
@@ -21,6 +21,10 @@ class ServingConfig:
     max_len: int | None = None  # the context bound of a sequence; None: the model's max_position_embeddings
     cache_dtype: str = "bf16"  # latent cache storage: bf16, fp32 or fp8
     speculative: bool = False  # draft with MTP module 1, verify with the model
+    block_size: int = 64  # positions per block of the paged cache
+    cache_tokens: int | None = None  # the pool's size in tokens; None: max_batch sequences of max_len each
+    prefill_chunk: int | None = None  # prompt tokens prefilled per step at most; None: whole prompts
+    prefix_cache: bool = True  # reuse the cached blocks of a prompt's leading tokens
 
     def context_bound(self, cfg: ModelConfig) -> int:
         """The longest sequence this configuration allows on a model with `cfg` (values checked first)."""
@@ -28,6 +32,10 @@ class ServingConfig:
             raise InvalidValue("max_batch", self.max_batch, "must be at least 1")
         if self.cache_dtype not in CACHE_DTYPES:
             raise InvalidValue("cache_dtype", self.cache_dtype, f"is not one of {', '.join(CACHE_DTYPES)}")
+        for name, low in (("block_size", 1), ("cache_tokens", 1), ("prefill_chunk", 1)):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+                raise InvalidValue(name, value, f"must be an integer of at least {low}")
         if self.max_len is None:
             return cfg.max_position_embeddings
         if isinstance(self.max_len, bool) or not isinstance(self.max_len, int) or self.max_len < 2:

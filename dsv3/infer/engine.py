@@ -1,17 +1,26 @@
 """The inference engine: prefill, then decode over the absorbed latent cache, for many sequences at once.
 
-Each sequence owns one row of a shared latent cache. A step admits waiting sequences (one batched
-prefill, prompts right-padded), then advances every running sequence by one decode step in a single
-batch, whatever their lengths: token i of row b is written at its own position and attends to its own
-row's slots 0..position, so rows of different lengths share a batch with no padding at all. Finished
-sequences free their row at once, and the next step can hand it to a waiting one (continuous batching).
+The cache is paged (`PagedLatentCache`, bookkept by `blocks.BlockPool`): a pool of blocks of `block_size`
+positions, and per sequence a table of the blocks it holds, so memory follows the tokens actually held
+instead of a row of the longest context per sequence. A step admits waiting sequences while there are free
+batch slots and the pool can promise each one its worst case (prompt + max_new_tokens, less any prefix
+blocks it shares): memory is then taken block by block as tokens arrive, and no sequence ever has to be
+preempted. Then it prefills (one right-padded batch), and advances every running sequence by one decode
+step in a single batch, whatever their lengths: token i of a row is written at its own position and attends
+to its own slots 0..position, so rows of different lengths share a batch with no padding at all. Finished
+sequences release their blocks at once (continuous batching).
+
+- **Prefix sharing.** Full blocks are registered under a hash chain of the tokens they hold
+  (`blocks.block_keys`); a new prompt that starts with cached blocks (a shared system prompt, the earlier
+  turns of a chat) takes them and skips their prefill. Scoring requests (prompt_logprobs) compute every
+  position and share nothing.
+- **Chunked prefill.** With `prefill_chunk`, a step prefills at most that many prompt tokens, so one long
+  prompt is spread over several steps, each also a decode step for the running sequences, instead of
+  stalling them all for its whole length.
 
 Prefill runs the "naive" attention (per-head K/V, the fast SDPA kernel over long prompts); decoding runs
 the "absorb" one, which attends over the cached latent and never re-expands it (DESIGN section 3). The engine
 only schedules: every forward is a call to the model's public `run` or `mtp_step`.
-
-The cache holds `max_batch` rows and grows with the requests (see `ServingConfig`): never longer than the
-longest prompt + max_new_tokens in flight, nor than the context bound.
 
 With `speculative=True`, MTP module 1 drafts one token per step and the main model checks it in the same
 forward that produces the next token (see `speculative.py`): up to two tokens per step for the price of
@@ -20,6 +29,7 @@ one main forward plus one MTP block.
 State of a running sequence between steps (n = its length - 1):
     tokens[-1] (position n) is sampled but not yet in the cache; main-model slots 0..n-1 are written;
     with speculation, MTP slots 0..n-1 are written too and `draft` is MTP's guess for position n + 1.
+While a sequence prefills, slots 0..cached-1 are written (shared blocks included).
 """
 
 from __future__ import annotations
@@ -36,13 +46,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dsv3.infer.blocks import ROOT, BlockPool, block_keys
 from dsv3.infer.config import ServingConfig
 from dsv3.infer.logprobs import TokenLogprob, prompt_logprobs, token_logprobs
 from dsv3.infer.sampling import SamplingParams, sample
 from dsv3.infer.speculative import Draft, draft_token, verify
 from dsv3.infer.text import Decoder, TextStream
 from dsv3.model import DeepSeekV3
-from dsv3.model.cache import new_cache
+from dsv3.model.cache import PagedLatentCache
 
 _ids = itertools.count()
 log = logging.getLogger("dsv3.infer")
@@ -61,7 +72,10 @@ class Sequence:
     prompt_logprobs: list[TokenLogprob | None] | None = None  # one per prompt token, with params.prompt_logprobs
     finish_reason: str | None = None  # "stop", "length", "cancelled" or "error" once done
     error: str | None = None  # what went wrong for this sequence alone (finish_reason "error")
-    row: int | None = None
+    blocks: list[int] = field(default_factory=list)  # its block table: position p lives in blocks[p // size]
+    cached: int = 0  # prompt positions whose slots are written, while it prefills
+    promised: int = 0  # blocks the pool still owes it (its worst case, less what it holds)
+    keys: list[bytes] = field(default_factory=list)  # prefix keys of its leading blocks, registered ones first
     generator: torch.Generator | None = None
     draft: Draft | None = None
     n_drafted: int = 0
@@ -88,7 +102,6 @@ class Sequence:
         return out
 
 
-
 @dataclass
 class Stats:
     """Counters since the engine was made; times in seconds."""
@@ -100,6 +113,12 @@ class Stats:
     decode_steps: int = 0
     drafted: int = 0
     accepted: int = 0
+    prefix_hit_tokens: int = 0  # prompt tokens whose prefill a cached block saved
+    prefix_lookup_tokens: int = 0  # prompt tokens of the sequences that looked for cached blocks
+
+    @property
+    def prefix_hit_rate(self) -> float | None:
+        return self.prefix_hit_tokens / self.prefix_lookup_tokens if self.prefix_lookup_tokens else None
 
     @property
     def acceptance(self) -> float | None:
@@ -107,17 +126,15 @@ class Stats:
 
 
 class Engine:
-    """Continues many sequences at once over one latent cache of `max_batch` rows (see `ServingConfig`).
+    """Continues many sequences at once over one paged latent cache (see `ServingConfig`).
 
     `tokenizer` (anything with `decode`) turns tokens into streamed text and enables stop strings; without
     one, sequences produce tokens only. `Engine(model, tok, max_batch=8)` is `Engine(model, tok,
     ServingConfig(max_batch=8))`.
     """
 
-    # The cache grows geometrically, at least CHUNK slots at a time, so a long generation copies it a
-    # logarithmic number of times and a short one (whatever its requests can use, up to CHUNK more) not at all.
-    GROWTH = 1.5
-    CHUNK = 256
+    GROWTH = 1.5  # the cache's storage grows geometrically with the blocks handed out, at least GROW_TOKENS
+    GROW_TOKENS = 256
 
     def __init__(self, model: DeepSeekV3, tokenizer: Decoder | None = None, config: ServingConfig | None = None,
                  **changes):
@@ -131,23 +148,32 @@ class Engine:
         self.tokenizer = tokenizer
         self.speculative = config.speculative
         self.device = next(model.parameters()).device
+        self.block_size = config.block_size
+        pool_tokens = config.cache_tokens or config.max_batch * (self.max_len + 1)
+        self.pool = BlockPool(math.ceil(pool_tokens / self.block_size) + 1, self.block_size)  # + the padding block
         # MTP module 1 needs its own layer of the cache when it drafts
         n_layers = cfg.num_hidden_layers + (1 if self.speculative else 0)
-        self.cache = new_cache(cfg, config.max_batch, 0, config.cache_dtype, self.device, n_layers)
-        self.free_rows = list(range(config.max_batch))
+        self.cache = PagedLatentCache(cfg, self.block_size, config.cache_dtype, self.device, n_layers)
         self.waiting: deque[Sequence] = deque()
+        self.prefilling: list[Sequence] = []
         self.running: list[Sequence] = []
+        self.promised = 0  # blocks promised to admitted sequences and not yet handed out
         self.stats = Stats()
 
     @property
     def max_batch(self) -> int:
-        return self.cache.batch_size
+        return self.config.max_batch
+
+    @property
+    def free_slots(self) -> int:
+        """Sequences that could start now, as far as the batch width goes."""
+        return self.max_batch - len(self.prefilling) - len(self.running)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.prefilling or self.running)
 
     def add(self, prompt: Iterable[int], params: SamplingParams) -> Sequence:
-        """Queue a prompt; it is prefilled at the next step with a free row."""
+        """Queue a prompt; it is admitted at a step with a free slot and enough cache for its worst case."""
         prompt = [int(t) for t in prompt]
         if not prompt:
             raise ValueError("the prompt is empty; give at least one token")
@@ -156,43 +182,53 @@ class Engine:
         vocab = self.model.config.vocab_size
         if not all(0 <= t < vocab for t in prompt):
             raise ValueError(f"the prompt has token ids outside the vocabulary [0, {vocab})")
+        worst = self._worst_blocks(len(prompt), params)
+        if worst > self.pool.n_blocks - 1:
+            raise ValueError(f"the prompt and its max_new_tokens need {worst * self.block_size} tokens of cache but "
+                             f"the cache holds {(self.pool.n_blocks - 1) * self.block_size}")
         stream = TextStream(self.tokenizer, params.stop) if self.tokenizer is not None else None
         seq = Sequence(prompt, params, stream=stream, generator=params.generator())
         self.waiting.append(seq)
         return seq
 
     def cancel(self, seq: Sequence) -> None:
-        """Stop a sequence; its row is freed at the start of the next step. Safe to call from another thread."""
+        """Stop a sequence; its blocks are released at the start of the next step. Safe to call from another
+        thread."""
         seq.cancelled = True
 
     def abort_all(self) -> None:
-        """Drop every sequence, running or waiting, and free every row (after a step failed half-way)."""
-        for s in [*self.waiting, *self.running]:
+        """Drop every sequence, waiting, prefilling or running, and release their blocks (after a step failed
+        half-way)."""
+        for s in [*self.waiting, *self.prefilling, *self.running]:
             if not s.done:
                 s.finish_reason = "cancelled"
-            s.row = None
+            self._release(s)
         self.waiting.clear()
-        self.running = []
-        self.free_rows = list(range(self.max_batch))
+        self.prefilling, self.running = [], []
 
     # ----- the loop ----------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[Sequence]:
-        """Admit what fits, advance every running sequence once; return the sequences that changed."""
+        """Admit what fits, prefill (a chunk), advance every running sequence once; return the sequences that
+        changed."""
         changed = self._drop_cancelled()
-        admitted = self._admit()
+        self._admit()
+        prefilled = self._prefill()
         active = [s for s in self.running if not s.done]
         if active:
             t0 = time.perf_counter()
             (self._speculative_step if self.speculative else self._decode_step)(active)
             self.stats.decode_time += time.perf_counter() - t0
             self.stats.decode_steps += 1
-        changed += [s for s in admitted if s not in active] + active
+        changed += [s for s in prefilled if s not in active] + active
         for s in changed:
-            if s.done and s.row is not None:
-                self.free_rows.append(s.row)
-                s.row = None
+            if s.done:
+                self._release(s)
+        for s in active:
+            if not s.done:
+                self._register(s, s.length - 1)  # decoding has written slots 0..length-2
         self.running = [s for s in self.running if not s.done]
+        self.prefilling = [s for s in self.prefilling if not s.done]
         return changed
 
     def generate(self, prompts: Iterable[Iterable[int]], params: SamplingParams) -> list[Sequence]:
@@ -216,43 +252,117 @@ class Engine:
                 self.cancel(seq)
                 self.step()
 
+    # ----- blocks ------------------------------------------------------------------------------------
+    def _worst_blocks(self, prompt_len: int, params: SamplingParams) -> int:
+        """Blocks a sequence may come to hold: its prompt and every new token (a speculative step writes one
+        slot past the last token)."""
+        slots = min(prompt_len + params.max_new_tokens, self.max_len) + (1 if self.speculative else 0)
+        return math.ceil(slots / self.block_size)
+
+    def _hold(self, s: Sequence, slots: int) -> None:
+        """Give s blocks for positions 0..slots-1, from what was promised to it."""
+        while len(s.blocks) * self.block_size < slots:
+            block = self.pool.allocate()
+            s.blocks.append(block)
+            s.promised -= 1
+            self.promised -= 1
+            if block >= self.cache.n_blocks:
+                grown = max(block + 1, math.ceil(self.cache.n_blocks * self.GROWTH),
+                            self.cache.n_blocks + self.GROW_TOKENS // self.block_size)
+                self.cache.reserve(min(grown, self.pool.n_blocks))
+
+    def _release(self, s: Sequence) -> None:
+        self.pool.release(s.blocks)
+        self.promised -= s.promised
+        s.blocks, s.promised = [], 0
+
+    def _register(self, s: Sequence, written: int) -> None:
+        """Offer s's full blocks to later prompts once their slots 0..written-1 are written in every layer (with
+        speculation the key holds the token after the block too, so that token must exist)."""
+        if not self.config.prefix_cache or s.params.prompt_logprobs is not None:
+            return
+        size = self.block_size
+        n_full = min(written, s.length - (1 if self.speculative else 0)) // size
+        if n_full <= len(s.keys):
+            return
+        tokens = (s.prompt + s.tokens)[len(s.keys) * size : n_full * size + (1 if self.speculative else 0)]
+        new = block_keys(tokens, size, self.speculative, s.keys[-1] if s.keys else ROOT)
+        for block, key in zip(s.blocks[len(s.keys) :], new):
+            self.pool.register(block, key)
+        s.keys += new
+
     # ----- phases ------------------------------------------------------------------------------------
     def _drop_cancelled(self) -> list[Sequence]:
-        dropped = [s for s in itertools.chain(self.waiting, self.running) if s.cancelled and not s.done]
+        dropped = [s for s in itertools.chain(self.waiting, self.prefilling, self.running)
+                   if s.cancelled and not s.done]
         for s in dropped:
             s.finish_reason = "cancelled"
         self.waiting = deque(s for s in self.waiting if not s.done)
+        self.prefilling = [s for s in self.prefilling if not s.done]
         return dropped
 
-    def _admit(self) -> list[Sequence]:
-        """Prefill as many waiting sequences as there are free rows, in one right-padded batch.
+    def _admit(self) -> None:
+        """Move waiting sequences to prefilling, in order, while a batch slot is free and the pool can promise
+        each its worst case. A prompt's leading cached blocks are taken, not promised."""
+        size = self.block_size
+        while self.waiting and self.free_slots > 0:
+            s = self.waiting[0]
+            keys = []
+            if self.config.prefix_cache and s.params.prompt_logprobs is None:
+                # at least the last prompt token is computed: its logits start decoding
+                keys = block_keys(s.prompt[: len(s.prompt) - 1 + (1 if self.speculative else 0)], size,
+                                  self.speculative)
+            shared = self.pool.lookup(keys)
+            needed = self._worst_blocks(len(s.prompt), s.params) - len(shared)
+            if needed > self.pool.available - self.pool.reclaimable(shared) - self.promised:
+                return  # wait for blocks to come back
+            self.waiting.popleft()
+            self.pool.take(shared)
+            s.blocks, s.keys, s.cached = shared, keys[: len(shared)], len(shared) * size
+            s.promised = needed
+            self.promised += needed
+            if self.config.prefix_cache and s.params.prompt_logprobs is None:
+                self.stats.prefix_lookup_tokens += len(s.prompt)
+                self.stats.prefix_hit_tokens += s.cached
+            self.prefilling.append(s)
 
-        Padding tokens sit past a row's prompt; they write cache slots that the row's own next tokens
-        overwrite before anything attends to them, so they change nothing."""
-        batch = []
-        while self.waiting and self.free_rows:
-            seq = self.waiting.popleft()
-            seq.row = self.free_rows.pop(0)
-            batch.append(seq)
+    def _prefill(self) -> list[Sequence]:
+        """Prefill the prefilling sequences in one right-padded batch, at most `prefill_chunk` prompt tokens in
+        all (each sequence from where it stands); those whose prompt is complete get their first token and
+        start running. Padding sits past each row's chunk: it writes slots that the row's own later tokens
+        overwrite before anything attends to them, or the padding block."""
+        budget = self.config.prefill_chunk or math.inf
+        batch: list[tuple[Sequence, int, int]] = []
+        for s in self.prefilling:
+            if budget <= 0:
+                break
+            end = int(min(len(s.prompt), s.cached + budget))
+            budget -= end - s.cached
+            batch.append((s, s.cached, end))
         if not batch:
             return []
         t0 = time.perf_counter()
-        lengths = torch.tensor([len(s.prompt) for s in batch])
-        T = int(lengths.max())
+        T = max(end - start for _, start, end in batch)
         ids = torch.zeros(len(batch), T, dtype=torch.long)
-        for i, s in enumerate(batch):
-            ids[i, : len(s.prompt)] = torch.tensor(s.prompt)
-        ids = ids.to(self.device)
-        positions = torch.arange(T, device=self.device).expand(len(batch), T)  # [B, T]
-        cache = self.cache.rows([s.row for s in batch])
-        last = (lengths - 1).to(self.device)[:, None]  # [B, 1], each prompt's last position
-        self._reserve(T, batch)
+        positions = torch.zeros(len(batch), T, dtype=torch.long)
+        for i, (s, start, end) in enumerate(batch):
+            self._hold(s, end)
+            ids[i, : end - start] = torch.tensor(s.prompt[start:end])
+            positions[i] = torch.arange(start, start + T)
+        ids, positions = ids.to(self.device), positions.to(self.device)
+        width = max(-(-(start + T) // self.block_size) for _, start, _ in batch)  # covers every padded position
+        cache = self.cache.rows([s.blocks for s, _, _ in batch], width)
+        last = torch.tensor([end - start - 1 for _, start, end in batch], device=self.device)[:, None]  # [B, 1]
         out = self.model.run(ids, positions, cache, attn="naive", logits_at=last)
-        for s, hidden, row_logits in zip(batch, out.hidden, out.logits[:, 0]):
+        done = []
+        for (s, start, end), hidden, row_logits in zip(batch, out.hidden, out.logits[:, 0]):
             with self._alone(s):
                 if s.params.prompt_logprobs is not None:  # scoring: the prefill's states give every position
-                    s.prompt_logprobs = prompt_logprobs(self.model.logits, hidden[: len(s.prompt)], s.prompt,
-                                                        s.params.prompt_logprobs)
+                    self._score_prompt(s, hidden[: end - start], start, end)
+                s.cached = end
+                if end < len(s.prompt):
+                    continue
+                done.append(s)
                 if s.params.max_new_tokens == 0:
                     self._finish(s, "length")
                 else:
@@ -261,20 +371,34 @@ class Engine:
             # MTP slot p reads (h_p, t_{p+1}): the prompt shifted by one, then the token just sampled (any
             # token where none was: the draft of a finished sequence is never read)
             next_ids = torch.zeros_like(ids)
-            for i, s in enumerate(batch):
-                next_ids[i, : len(s.prompt)] = torch.tensor(s.prompt[1:] + (s.tokens[:1] or [0]))
+            for i, (s, start, end) in enumerate(batch):
+                following = (s.prompt + (s.tokens[:1] or [0]))[start + 1 : end + 1]
+                next_ids[i, : end - start] = torch.tensor(following)
             draft = self.model.mtp_step(out.hidden, next_ids, positions, cache, attn="naive", logits_at=last)
-            self._draft(batch, draft.logits[:, 0])
-        self.stats.prompt_tokens += int(lengths.sum())
+            self._draft([s for s, _, _ in batch], draft.logits[:, 0], only=done)
+        for s, _, end in batch:
+            self._register(s, end)
+        self.stats.prompt_tokens += sum(end - start for _, start, end in batch)
         self.stats.prefill_time += time.perf_counter() - t0
-        self.running += batch
-        return batch
+        self.prefilling = [s for s in self.prefilling if s not in done]
+        self.running += done
+        return [s for s, _, _ in batch if s in done or s.done]  # a chunk that left the prompt unfinished: no news
+
+    def _score_prompt(self, s: Sequence, hidden: torch.Tensor, start: int, end: int) -> None:
+        """Log-probabilities of prompt tokens start+1..end from the states of positions start..end-1."""
+        if s.prompt_logprobs is None:
+            s.prompt_logprobs = [None]
+        n = min(end, len(s.prompt) - 1) - start  # positions whose next token is in the prompt
+        if n > 0:
+            s.prompt_logprobs += prompt_logprobs(self.model.logits, hidden[:n], s.prompt[start : start + n + 1],
+                                                 s.params.prompt_logprobs)[1:]
 
     def _decode_step(self, active: list[Sequence]) -> None:
         ids = torch.tensor([[s.tokens[-1]] for s in active], device=self.device)  # [B, 1]
         positions = torch.tensor([[s.length - 1] for s in active], device=self.device)  # [B, 1]
-        self._reserve(int(positions.max()) + 1)
-        cache = self.cache.rows([s.row for s in active])
+        for s in active:
+            self._hold(s, s.length)
+        cache = self.cache.rows([s.blocks for s in active])
         logits = self.model.run(ids, positions, cache, attn="absorb").logits[:, -1]  # [B, V]
         if all(s.params.greedy for s in active):
             for s, t, row_logits in zip(active, logits.argmax(dim=-1).tolist(), logits):
@@ -289,13 +413,14 @@ class Engine:
         token after it when the draft is accepted. Then MTP drafts again from wherever each row ended."""
         ids = torch.tensor([[s.tokens[-1], s.draft.token] for s in active], device=self.device)  # [B, 2]
         positions = torch.tensor([[s.length - 1, s.length] for s in active], device=self.device)  # [B, 2]
-        self._reserve(int(positions.max()) + 1)
-        cache = self.cache.rows([s.row for s in active])
+        for s in active:
+            self._hold(s, s.length + 1)
+        cache = self.cache.rows([s.blocks for s in active])
         out = self.model.run(ids, positions, cache, attn="absorb")  # logits [B, 2, V], hidden [B, 2, d]
         next_ids = torch.zeros_like(ids)
         accepted = []
         for i, s in enumerate(active):
-            new = [s.tokens[-1]]  # what a failed verification leaves: nothing new (the row is finished then)
+            new = [s.tokens[-1]]  # what a failed verification leaves: nothing new (the sequence is finished then)
             with self._alone(s):
                 new = verify(out.logits[i], s.draft, s.params, s.generator)
                 s.n_drafted += 1
@@ -311,24 +436,13 @@ class Engine:
         draft = self.model.mtp_step(out.hidden, next_ids, positions, cache, attn="absorb", logits_at=pick)
         self._draft(active, draft.logits[:, 0])
 
-    def _draft(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        """Each running sequence's draft of its next-but-one token from MTP's logits [B, V]."""
+    def _draft(self, seqs: list[Sequence], logits: torch.Tensor, only: list[Sequence] | None = None) -> None:
+        """Each running sequence's draft of its next-but-one token from MTP's logits [B, V] (of those in
+        `only`, when given)."""
         for s, row_logits in zip(seqs, logits):
-            if not s.done:
+            if not s.done and (only is None or s in only):
                 with self._alone(s):
                     s.draft = draft_token(row_logits, s.params, s.generator)
-
-    def _reserve(self, slots: int, admitted: list[Sequence] = ()) -> None:
-        """Grow the cache so that every row holds `slots` slots: geometrically, but never past what the
-        sequences in flight can use (prompt + max_new_tokens each: a speculative step may write one slot past
-        the last token) nor past the context bound."""
-        if slots <= self.cache.max_len:
-            return
-        live = [*self.running, *admitted]
-        usable = max((len(s.prompt) + s.params.max_new_tokens for s in live), default=slots)
-        grown = max(slots + self.CHUNK, math.ceil(self.cache.max_len * self.GROWTH))
-        target = min(grown, usable, self.max_len + 1)
-        self.cache.resize(max(target, slots))
 
     # ----- bookkeeping -------------------------------------------------------------------------------
     @contextlib.contextmanager

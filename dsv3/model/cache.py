@@ -163,6 +163,81 @@ class CacheRows:
         return self.cache._update(self.index, layer, positions, c_kv, k_pe)
 
 
+class PagedLatentCache:
+    """The latent cache as a pool of blocks of `block_size` positions each, in any of CACHE_DTYPES. Which
+    blocks a sequence owns is its block table (`dsv3.infer.blocks` keeps them); `rows(tables)` gives the model
+    a cache over a batch of tables. Storage is [L, blocks * block_size, n] per field of the layout and grows
+    with `reserve`, keeping its contents, so memory follows the blocks actually handed out."""
+
+    def __init__(self, cfg: ModelConfig, block_size: int, dtype: str = "bf16", device: torch.device | str = "cpu",
+                 n_layers: int | None = None, n_blocks: int = 1):
+        self.cfg, self.format, self.block_size = cfg, dtype, block_size
+        self.layout = latent_layout(cfg, dtype)
+        self.n_layers = cfg.n_layers_with_mtp if n_layers is None else n_layers
+        self.device = torch.device(device)
+        self.n_blocks = 0
+        self.reserve(n_blocks)
+
+    def reserve(self, n_blocks: int) -> None:
+        """Make room for blocks 0..n_blocks-1 (never shrinks)."""
+        if n_blocks <= self.n_blocks:
+            return
+        for name, (n, dtype) in self.layout.items():
+            new = torch.zeros(self.n_layers, n_blocks * self.block_size, n, dtype=dtype, device=self.device)
+            if self.n_blocks:
+                new[:, : self.n_blocks * self.block_size] = getattr(self, name)
+            setattr(self, name, new)  # [L, slots, n]
+        self.n_blocks = n_blocks
+
+    def rows(self, tables: list[list[int]], width: int = 0) -> PagedRows:
+        """A cache for a batch whose row i owns blocks tables[i], every table padded with block 0 to the longest
+        or to `width` blocks."""
+        width = max(width, *(len(t) for t in tables), 1)
+        table = torch.zeros(len(tables), width, dtype=torch.long)
+        for i, t in enumerate(tables):
+            table[i, : len(t)] = torch.tensor(t, dtype=torch.long)
+        return PagedRows(self, table.to(self.device))
+
+    def _write(self, layer: int, slots: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor) -> None:
+        if self.format == "fp8":
+            c_kv, self.c_scale[layer][slots] = quantize_tiles(c_kv)
+        self.c_kv[layer][slots] = c_kv.to(self.c_kv.dtype)
+        self.k_pe[layer][slots] = k_pe.to(self.k_pe.dtype)
+
+    def _read(self, layer: int, slots: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        c_kv = self.c_kv[layer][slots]  # [B, S, c]
+        if self.format == "fp8":
+            c_kv = dequantize_tiles(c_kv, self.c_scale[layer][slots], dtype)
+        return c_kv.to(dtype), self.k_pe[layer][slots].to(dtype)
+
+    def nbytes_per_token(self) -> int:
+        return bytes_per_token(self.cfg, self.format, self.n_layers)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(getattr(self, name).nbytes for name in self.layout)
+
+
+class PagedRows:
+    """A batch's view of a PagedLatentCache: position p of row b lives in slot table[b, p // size] * size +
+    p % size. Writes go to those slots; reads gather a row's slots 0..S-1 in position order."""
+
+    def __init__(self, cache: PagedLatentCache, table: torch.Tensor):
+        self.cache, self.table = cache, table  # table [B, blocks]
+
+    def update(self, layer, positions, c_kv, k_pe):
+        size = self.cache.block_size
+        last, held = int(positions.max()), self.table.shape[1] * size
+        if last >= held:
+            raise ValueError(f"position {last} is past the {held} slots of this batch's block tables")
+        slots = self.table.gather(1, positions // size) * size + positions % size  # [B, T]
+        self.cache._write(layer, slots, c_kv, k_pe)
+        blocks = last // size + 1
+        offsets = torch.arange(size, device=self.table.device)
+        read = (self.table[:, :blocks, None] * size + offsets).flatten(1)[:, : last + 1]  # [B, S]
+        return self.cache._read(layer, read, c_kv.dtype)
+
+
 def new_cache(
     cfg: ModelConfig,
     batch_size: int,

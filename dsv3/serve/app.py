@@ -80,7 +80,8 @@ def create_app(engine: Engine, tokenizer, config: ServerConfig, template: ChatTe
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": config.model_name, "in_flight": batcher.in_flight,
-                "free_slots": len(engine.free_rows), "slots": engine.max_batch,
+                "free_slots": engine.free_slots, "slots": engine.max_batch,
+                "cache_blocks_in_use": engine.pool.in_use, "prefix_hit_rate": engine.stats.prefix_hit_rate,
                 "speculative": engine.speculative, "mtp_acceptance": engine.stats.acceptance}
 
     @app.get("/v1/models")
