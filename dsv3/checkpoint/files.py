@@ -66,21 +66,29 @@ class SafetensorsFile:
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self.entries[key]["shape"])
 
-    def get(self, key: str) -> torch.Tensor:
+    def dtype(self, key: str) -> torch.dtype:
         e = self.entries[key]
         if e["dtype"] not in DTYPES:
             raise CheckpointError(f"tensor {key} in {self.path} has dtype {e['dtype']}, which is not supported")
+        return DTYPES[e["dtype"]]
+
+    def get(self, key: str, dim: int = 0, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        """A copy of the tensor, or of its slice [start, stop) along `dim`. Only the pages holding the slice
+        are read: a slice of rows is one run of bytes, a slice of columns one short run per row."""
+        dtype = self.dtype(key)
         if self._mm is None:
             with open(self.path, "rb") as f:  # copy-on-write: torch wants a writable buffer, nothing is written
                 self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        start, end = (self.data_start + o for o in e["data_offsets"])
-        if end == start:
-            return torch.empty(self.shape(key), dtype=DTYPES[e["dtype"]])
-        view = torch.frombuffer(self._mm, dtype=torch.uint8, count=end - start, offset=start)
-        out = view.view(DTYPES[e["dtype"]]).reshape(self.shape(key)).clone()
-        del view
+        shape = self.shape(key)
+        begin, end = (self.data_start + o for o in self.entries[key]["data_offsets"])
+        if end == begin:
+            return torch.empty(shape, dtype=dtype)
+        view = torch.frombuffer(self._mm, dtype=torch.uint8, count=end - begin, offset=begin)
+        full = view.view(dtype).reshape(shape)
+        out = (full if start is None else full.narrow(dim, start, stop - start)).clone()
+        del view, full
         page = mmap.PAGESIZE
-        lo = start // page * page
+        lo = begin // page * page
         self._mm.madvise(mmap.MADV_DONTNEED, lo, end - lo)  # give the pages back now that they are copied
         return out
 
@@ -161,9 +169,12 @@ class CheckpointReader:
         """The tensor's shape, read from the header alone."""
         return self._handles[self._file_of[key]].shape(key)
 
-    def get(self, key: str) -> torch.Tensor:
-        """A copy of the tensor, read from the memory-mapped file."""
-        return self._handles[self._file_of[key]].get(key)
+    def dtype(self, key: str) -> torch.dtype:
+        return self._handles[self._file_of[key]].dtype(key)
+
+    def get(self, key: str, dim: int = 0, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        """A copy of the tensor (or of its slice [start, stop) along `dim`), read from the memory-mapped file."""
+        return self._handles[self._file_of[key]].get(key, dim, start, stop)
 
 
 def _read_index(index: str) -> dict[str, str]:

@@ -12,7 +12,7 @@ from dsv3.checkpoint import names
 from dsv3.checkpoint.files import CheckpointReader, nbytes, plan_shards, write_shards
 from dsv3.config import ModelConfig
 from dsv3.errors import CheckpointError
-from dsv3.fp8 import dequantize_blocks, fp8_nbytes, quantize_blocks
+from dsv3.fp8 import BLOCK, dequantize_blocks, fp8_nbytes, quantize_blocks
 from dsv3.hardware import check_memory
 from dsv3.model import DeepSeekV3
 
@@ -48,6 +48,26 @@ def read_tensor(reader: CheckpointReader, key: str, dtype: torch.dtype) -> torch
     return t.to(dtype)
 
 
+def read_slice(reader: CheckpointReader, key: str, dtype: torch.dtype, dim: int, start: int, stop: int) -> torch.Tensor:
+    """Slice [start, stop) along `dim` of a tensor, reading only that part; an FP8 weight is read over the whole
+    128-blocks the slice touches, dequantised with their scales, and trimmed."""
+    if reader.dtype(key) != torch.float8_e4m3fn:
+        return reader.get(key, dim, start, stop).to(dtype)
+    scale_key = key + SCALE_SUFFIX
+    if scale_key not in reader:
+        raise CheckpointError(f"FP8 tensor {key} has no {scale_key} beside it; the checkpoint is incomplete")
+    lo, hi = start // BLOCK * BLOCK, min(-(-stop // BLOCK) * BLOCK, reader.shape(key)[dim])
+    try:
+        scale = reader.get(scale_key, dim, lo // BLOCK, -(-hi // BLOCK))
+        block = dequantize_blocks(reader.get(key, dim, lo, hi), scale, dtype)
+    except ValueError as e:
+        raise CheckpointError(f"FP8 tensor {key}: {e}") from None
+    return block.narrow(dim, start - lo, stop - start)
+
+
+Splits = dict[str, tuple[int, int, int]]  # parameter name -> (dim, start, stop) of the part a model holds
+
+
 def load_pretrained(
     path: str | os.PathLike,
     dtype: torch.dtype | str | None = None,
@@ -55,6 +75,7 @@ def load_pretrained(
     device: str | torch.device = "cpu",
     attn_impl: str = "naive",
     experts_impl: str = "grouped",
+    shard: Callable[[DeepSeekV3], Splits] | None = None,
 ) -> DeepSeekV3:
     """Build a DeepSeekV3 from a Hugging Face model directory (config.json + safetensors, sharded or not).
 
@@ -62,7 +83,9 @@ def load_pretrained(
     dequantised on the CPU). The model is built on the meta device, allocated once, and filled tensor by
     tensor from memory-mapped files, so peak memory stays near the model's own size. The router bias stays
     fp32. MTP layers load into the MTP modules; a config that declares MTP layers whose tensors are all absent
-    (as transformers saves them) loads with MTP switched off and a warning.
+    (as transformers saves them) loads with MTP switched off and a warning. `shard(model)`, called on the
+    meta-device model, may cut its parameters to one part each (tensor or expert parallelism) and return the
+    parts; only those slices are then allocated and read.
     """
     cfg = ModelConfig.from_hf(path if os.path.isdir(path) else os.path.dirname(os.fspath(path)))
     reader = CheckpointReader(path)
@@ -79,10 +102,11 @@ def load_pretrained(
         dtype = _checkpoint_dtype(reader)
     with torch.device("meta"):
         model = DeepSeekV3(cfg, attn_impl=attn_impl, experts_impl=experts_impl).to(dtype)
+        splits = shard(model) if shard is not None else {}
     needed = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     check_memory(needed, f"the model in {path}", device, hint="load it in a smaller --dtype or on a larger machine")
     model = model.to_empty(device=device)
-    _fill_all(reader, model.state_dict(keep_vars=True), cfg, path)
+    _fill_all(reader, model.state_dict(keep_vars=True), cfg, path, splits=splits)
     return model
 
 
@@ -95,10 +119,10 @@ def load_into(model: DeepSeekV3, path: str | os.PathLike, *, subset: bool = Fals
 
 
 def _fill_all(reader: CheckpointReader, state: dict[str, torch.Tensor], cfg: ModelConfig, path, *,
-              subset: bool = False) -> None:
+              subset: bool = False, splits: Splits | None = None) -> None:
     with torch.no_grad():
-        filled = _fill(reader, state, cfg, path, subset=subset)
-    _check_complete(state, filled, cfg, path)
+        filled = _fill(reader, state, cfg, path, subset=subset, splits=splits or {})
+    _check_complete(state, filled, cfg, path, splits or {})
 
 
 def _checkpoint_dtype(reader: CheckpointReader) -> torch.dtype:
@@ -110,7 +134,7 @@ def _checkpoint_dtype(reader: CheckpointReader) -> torch.dtype:
 
 
 def _fill(reader: CheckpointReader, state: dict[str, torch.Tensor], cfg: ModelConfig, path,
-          subset: bool = False) -> set:
+          subset: bool = False, splits: Splits | None = None) -> set:
     """Copy every checkpoint tensor into its place in `state`; returns the (key, expert) pairs filled. A tensor
     with no place in this model (unless `subset`), or of the wrong shape, is an error that names it."""
     filled: set[tuple[str, int | None]] = set()
@@ -127,11 +151,21 @@ def _fill(reader: CheckpointReader, state: dict[str, torch.Tensor], cfg: ModelCo
         if target.copy_of_shared:
             continue  # MTP's copies of the embedding and head: the model shares the originals
         param = state[target.key]
-        dest = param if target.expert is None else param[target.expert] if target.expert < param.shape[0] else None
+        split = (splits or {}).get(target.key)
+        if target.expert is not None:
+            first = split[1] if split else 0
+            if split and not first <= target.expert < split[2]:
+                continue  # another rank's expert
+            dest = param[target.expert - first] if target.expert - first < param.shape[0] else None
+        else:
+            dest = param
         if dest is None:
             unexpected.append(key)
             continue
-        t = read_tensor(reader, key, param.dtype)
+        if split is not None and target.expert is None:
+            t = read_slice(reader, key, param.dtype, *split)
+        else:
+            t = read_tensor(reader, key, param.dtype)
         if tuple(t.shape) != tuple(dest.shape):
             raise CheckpointError(f"tensor {key} has shape {tuple(t.shape)} but config.json implies "
                                   f"{tuple(dest.shape)}; the checkpoint and its config do not match")
@@ -145,13 +179,15 @@ def _fill(reader: CheckpointReader, state: dict[str, torch.Tensor], cfg: ModelCo
     return filled
 
 
-def _check_complete(state: dict[str, torch.Tensor], filled: set, cfg: ModelConfig, path) -> None:
+def _check_complete(state: dict[str, torch.Tensor], filled: set, cfg: ModelConfig, path,
+                    splits: Splits | None = None) -> None:
     L = cfg.num_hidden_layers
     missing = []
     for key in state:
         expert_names = names.expert_names(key, L, cfg.n_routed_experts)
         if expert_names is not None:
-            missing += [n for e, n in enumerate(expert_names) if (key, e) not in filled]
+            _, first, stop = (splits or {}).get(key, (0, 0, len(expert_names)))
+            missing += [n for e, n in enumerate(expert_names) if first <= e < stop and (key, e) not in filled]
         elif (key, None) not in filled:
             missing.append(names.ours_to_hf(key, L) or key)
     if missing:

@@ -20,6 +20,7 @@ COMMANDS_HELP = "/reset starts a new conversation, /exit (or end of input) leave
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     options.add_model(parser)
     options.add_serving(parser)
+    options.add_processes(parser)
     options.add_sampling(parser, temperature=0.7)
     parser.add_argument("--system", metavar="TEXT", help="a system prompt that opens the conversation")
 
@@ -27,6 +28,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from dsv3.chat_template import ChatTemplate
 
+    if args.nproc is not None:
+        from dsv3.commands.launch import launch
+
+        return launch("chat", args.nproc, args.argv)
     system = [{"role": "system", "content": options.text_argument(args.system, "--system")}] if args.system else []
     loaded = options.load_model(args)
     engine = options.make_engine(args, loaded)

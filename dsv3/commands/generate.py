@@ -14,6 +14,7 @@ HELP = "continue a prompt with a model (prefill + latent-cache decoding, optiona
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     options.add_model(parser)
     options.add_serving(parser)
+    options.add_processes(parser)
     options.add_sampling(parser, temperature=0.0)
     parser.add_argument("--stats", action="store_true", help="print prefill and decode tokens/s, the cache's size "
                         "and, when speculating, the MTP acceptance")
@@ -21,6 +22,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.nproc is not None:
+        from dsv3.commands.launch import launch
+
+        return launch("generate", args.nproc, args.argv)
     loaded = options.load_model(args)
     engine = options.make_engine(args, loaded)
     tok = loaded.tokenizer

@@ -13,9 +13,12 @@ never each other.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 from dsv3.config import PRESETS, ModelConfig, preset
 from dsv3.errors import Dsv3Error, InvalidValue
+from dsv3.parallel.dist import launched
 
 
 # ----- a configuration -------------------------------------------------------------------------------------
@@ -87,20 +90,48 @@ def load_model(args: argparse.Namespace):
     seed = getattr(args, "seed", 0)
     if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:  # it seeds a preset's weights too, before any sampling
         raise InvalidValue("seed", seed, f"must be an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]")
-    loaded = load(args.model, args.preset, args.dtype, seed=seed)
+    shard = None
+    if launched():  # one rank of a torchrun job: this process loads and runs its slices of the model
+        from dsv3.parallel import inference, serving
+
+        serving.init()
+        shard = inference.shard
+    loaded = load(args.model, args.preset, args.dtype, seed=seed, shard=shard)
     if args.speculative and not len(loaded.model.mtp):
         raise Dsv3Error(f"--speculative mtp needs a model with an MTP module; {loaded.name} has none")
     return loaded
 
 
 def make_engine(args: argparse.Namespace, loaded):
+    """The engine for `loaded`. In a torchrun job rank 0 gets a `serving.Leader` and returns; every other rank
+    replays the leader's steps here until the leader ends, then exits."""
     from dsv3.infer import Engine, ServingConfig
 
     config = ServingConfig(max_batch=getattr(args, "max_batch", 1), max_len=args.max_len,
                            cache_dtype=args.cache_dtype, speculative=bool(args.speculative),
                            block_size=args.block_size, cache_tokens=args.cache_tokens,
                            prefill_chunk=args.prefill_chunk, prefix_cache=args.prefix_cache)
-    return Engine(loaded.model, loaded.tokenizer, config)
+    if not launched():
+        return Engine(loaded.model, loaded.tokenizer, config)
+    import torch.distributed as dist
+
+    from dsv3.parallel import serving
+
+    if dist.get_rank() == 0:
+        return serving.Leader(loaded.model, loaded.tokenizer, config)
+    serving.follow(Engine(loaded.model, loaded.tokenizer, config))
+    sys.exit(0)
+
+
+def add_processes(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--nproc", type=int, metavar="N",
+                        help="split the model over N processes on this machine (tensor and expert parallel), as "
+                             "`torchrun --standalone --nproc-per-node N -m dsv3 ...` does; rank 0 talks to you")
+
+
+def is_leader() -> bool:
+    """Rank 0 of a torchrun job, or a process on its own: the one that talks to the user."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 # ----- sampling --------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ KEY_ENV = "DSV3_API_KEY"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     options.add_model(parser)
     options.add_serving(parser, max_batch=16)
+    options.add_processes(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on, 1-65535 (default: 8000)")
     key = parser.add_mutually_exclusive_group()
@@ -95,8 +96,12 @@ def run(args: argparse.Namespace) -> int:
         from dsv3.serve.limits import DeadlineProtocol
     except ImportError:
         raise Dsv3Error("dsv3 serve needs FastAPI and uvicorn; install them with pip install 'dsv3[serve]'") from None
+    if args.nproc is not None:
+        from dsv3.commands.launch import launch
+
+        return launch("serve", args.nproc, args.argv)
     key = api_key(args)
-    sock = check_listen(args)
+    sock = check_listen(args) if options.is_leader() else None  # the other ranks only compute
     loaded = options.load_model(args)
     engine = options.make_engine(args, loaded)
     config = ServerConfig(model_name=args.name or loaded.name, api_key=key, max_queue=args.max_queue,

@@ -30,9 +30,12 @@ class Loaded:
 
 
 def load(model_dir: str | None = None, preset_name: str | None = None, dtype: str | None = None,
-         seed: int = 0) -> Loaded:
+         seed: int = 0, shard=None) -> Loaded:
     """Exactly one of model_dir and preset_name. dtype: "bf16", "fp16" or "fp32" (default: the checkpoint's
-    own dtype; fp32 for a preset model)."""
+    own dtype; fp32 for a preset model). `shard`: cut the model to this process's part as it loads (see
+    `load_pretrained`); a model directory only."""
+    if shard is not None and model_dir is None:
+        raise Dsv3Error("a model split over processes loads its slices from a model directory; give --model DIR")
     if (model_dir is None) == (preset_name is None):
         raise Dsv3Error("give either --model DIR or --preset NAME")
     if dtype is not None and dtype not in DTYPES:
@@ -59,7 +62,7 @@ def load(model_dir: str | None = None, preset_name: str | None = None, dtype: st
         raise Dsv3Error(f"{model_dir} has no {TOKENIZER_FILE}; copy in the tokenizer the model was trained with "
                         "(a model directory needs one; only --preset models use the byte-level stand-in)")
     tokenizer = Tokenizer.from_dir(model_dir)
-    model = load_pretrained(model_dir, dtype).eval()
+    model = load_pretrained(model_dir, dtype, shard=shard).eval()
     check_vocab(tokenizer, model.config)
     name = os.path.basename(os.path.normpath(os.path.abspath(model_dir)))
     return Loaded(model, tokenizer, name, model_dir)
