@@ -5,9 +5,12 @@ layout (`dsv3.model.cache`), so any `ModelConfig` can be planned and the figures
 
 Serving: the weights (bf16, or FP8 with fp32 block scales as DeepSeek released them) are spread
 evenly over the GPUs (tensor + expert parallelism); what is left of each GPU's usable memory holds
-the latent cache, spread evenly too (each GPU caches the sequences its attention serves). "Usable"
-is a fraction of the memory (`memory_utilization`, 0.9 by default) because the CUDA context, the
-kernels' workspaces and allocator fragmentation take the rest.
+the latent cache, spread evenly too (each GPU caches the sequences its attention serves, as engines with
+data-parallel attention do). "Usable" is a fraction of the memory (`memory_utilization`, 0.9 by default)
+because the CUDA context, the kernels' workspaces and allocator fragmentation take the rest. Per rank, as
+`dsv3 serve --nproc N` lays it out (`dsv3.parallel.inference`): the split tensors (heads, experts,
+vocabulary, MLP widths) take 1/N each, the small replicated ones (norms, the down-projections, the router)
+are whole on every rank, and every rank holds the whole latent cache.
 
 Training: `pp` pipeline stages each hold a contiguous run of blocks (the first also the embedding,
 the last the final norm, the head and the MTP modules); within a stage the `dp = gpus / pp` ranks
@@ -34,6 +37,7 @@ from dsv3.errors import InvalidValue
 from dsv3.hardware import GPUS, Accelerator
 from dsv3.inventory import BYTES, Entry, inventory, nbytes
 from dsv3.model.cache import bytes_per_token
+from dsv3.parallel.inference import split_names
 from dsv3.parallel.layout import Layout as ParallelLayout
 
 
@@ -79,6 +83,7 @@ class ServePlan:
     cache_bytes_per_token: float
     context: int
     batch: int
+    split_weight_bytes: float = 0.0  # of weight_bytes, the tensors dsv3's ranks split (the rest are replicated)
 
     @property
     def usable_bytes_per_gpu(self) -> float:
@@ -107,6 +112,20 @@ class ServePlan:
     def fits(self) -> bool:
         return self.needed_bytes <= self.gpus * self.usable_bytes_per_gpu
 
+    @property
+    def rank_weight_bytes(self) -> float:
+        """Weights on one rank of `dsv3 serve --nproc gpus`: its share of the split tensors, all the rest."""
+        return self.weight_bytes - self.split_weight_bytes + self.split_weight_bytes / self.gpus
+
+    @property
+    def rank_needed_bytes(self) -> float:
+        """One rank's weights plus the whole asked-for cache, which every rank holds."""
+        return self.rank_weight_bytes + self.context * self.batch * self.cache_bytes_per_token
+
+    @property
+    def rank_fits(self) -> bool:
+        return self.rank_needed_bytes <= self.usable_bytes_per_gpu
+
     def min_gpus(self, gpu: Accelerator) -> int:
         """The fewest GPUs of type `gpu` that hold the weights and the asked-for cache."""
         return max(1, math.ceil(self.needed_bytes / (gpu.memory_bytes * self.memory_utilization)))
@@ -130,10 +149,13 @@ def plan_serving(
     for name, value in (("gpus", gpus), ("context", context), ("batch", batch)):
         if value < 1:
             raise InvalidValue(name, value, "must be at least 1")
+    entries = inventory(cfg, mtp=mtp)
+    split = split_names(cfg)
     return ServePlan(
         gpu=gpu, gpus=gpus, weights_precision=weights, cache_precision=cache, mtp=mtp,
-        memory_utilization=memory_utilization, weight_bytes=nbytes(inventory(cfg, mtp=mtp), weights),
+        memory_utilization=memory_utilization, weight_bytes=nbytes(entries, weights),
         cache_bytes_per_token=cache_bytes_per_token(cfg, cache, mtp=mtp), context=context, batch=batch,
+        split_weight_bytes=nbytes([e for e in entries if e.name in split], weights),
     )
 
 

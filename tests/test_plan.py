@@ -221,3 +221,23 @@ def test_plan_train_takes_the_train_layout_flags(capsys):
     assert (out["gpus"], out["dp"], out["ep"], out["pp"], out["pp_schedule"]) == (8, 4, 2, 2, "dualpipev")
     assert out["micro_batches"] == 4 and set(out["stages"][0]["sent"]) == {"all_to_all", "data_parallel", "pipeline"}
     assert out["sent_per_token"]["all_to_all"] > 0
+
+
+def test_per_rank_serving_memory_is_what_the_split_model_holds():
+    """`plan serve`'s per-rank weights equal the bytes one rank of `dsv3 serve --nproc N` holds."""
+    import torch
+
+    from dsv3 import DeepSeekV3
+    from dsv3.parallel.inference import plan_splits
+
+    cfg = preset("small")
+    with torch.device("meta"):
+        model = DeepSeekV3(cfg).to(torch.bfloat16)
+    splits = plan_splits(model, 0, 4)
+    held = sum(p.numel() * 2 * ((splits[n].stop - splits[n].start) / p.shape[splits[n].dim] if n in splits else 1)
+               for n, p in model.named_parameters())
+    plan = plan_serving(cfg, GPUS["h200"], 4, weights="bf16", mtp=True, context=1000, batch=3)
+    assert plan.rank_weight_bytes == pytest.approx(held + 4 * sum(b.numel() for b in model.buffers()), rel=1e-3)
+    assert plan.rank_needed_bytes == pytest.approx(plan.rank_weight_bytes + 3000 * plan.cache_bytes_per_token)
+    v3 = plan_serving(preset("v3"), GPUS["h200"], 8, context=32768, batch=16)
+    assert v3.rank_fits and 75 * GiB < v3.rank_weight_bytes < 85 * GiB  # 1/8 of the split weights + ~1 GiB

@@ -127,6 +127,9 @@ def _serve_json(name: str, p: ServePlan) -> dict:
         "usable_bytes_per_gpu": p.usable_bytes_per_gpu, "cache_bytes_per_token": p.cache_bytes_per_token,
         "cache_tokens": p.cache_tokens, "context": p.context, "batch": p.batch, "needed_bytes": p.needed_bytes,
         "fits": p.fits, "min_gpus": min_gpus_table(p),
+        "dsv3_rank": {"weight_bytes": p.rank_weight_bytes, "replicated_weight_bytes": p.weight_bytes
+                      - p.split_weight_bytes, "cache_bytes": p.rank_needed_bytes - p.rank_weight_bytes,
+                      "needed_bytes": p.rank_needed_bytes, "fits": p.rank_fits},
     }
 
 
@@ -153,6 +156,17 @@ def _serve_table(name: str, p: ServePlan) -> str:
     for gpu_name, n in min_gpus_table(p).items():
         table.append((f"  {gpu_name}", str(n), str(-(-n // NODE))))
     lines.append(_rows(table))
+    replicated = p.weight_bytes - p.split_weight_bytes
+    cache = p.rank_needed_bytes - p.rank_weight_bytes
+    rank = [
+        ("  weights", f"{gib(p.split_weight_bytes)} / {p.gpus} split + {gib(replicated)} on every rank",
+         gib(p.rank_weight_bytes)),
+        ("  latent cache", f"all {asked}, on every rank", gib(cache)),
+        ("  one rank", "fits" if p.rank_fits else "does NOT fit", f"{gib(p.rank_needed_bytes)} of "
+         f"{gib(p.usable_bytes_per_gpu)}"),
+    ]
+    lines += ["", f"per rank of `dsv3 serve --nproc {p.gpus}` (heads, experts and vocabulary split; the latent "
+              "cache replicated):", _rows(rank)]
     return "\n".join(lines)
 
 

@@ -27,6 +27,8 @@ swapped for vocabulary-split modules with the same parameter names, and the redu
 
 from __future__ import annotations
 
+import functools
+import json
 from typing import NamedTuple
 
 import torch
@@ -73,6 +75,18 @@ def plan_splits(model: DeepSeekV3, rank: int, world: int) -> dict[str, Split]:
             for w in ("w1", "w2", "w3"):
                 splits[prefix + f"experts.{w}"] = part(cfg.n_routed_experts, 0)
     return splits
+
+
+@functools.cache
+def _split_names(hf_config: str) -> frozenset[str]:
+    with torch.device("meta"):
+        model = DeepSeekV3(ModelConfig.from_hf(json.loads(hf_config)))
+    return frozenset(plan_splits(model, 0, 1))
+
+
+def split_names(cfg: ModelConfig) -> frozenset[str]:
+    """The parameters that ranks split (the rest every rank holds whole), for memory planning."""
+    return _split_names(json.dumps(cfg.to_hf(), sort_keys=True))
 
 
 def check_divisible(cfg: ModelConfig, world: int) -> None:
