@@ -338,3 +338,26 @@ def test_no_pickle_anywhere_in_the_package():
                 with open(os.path.join(dirpath, f), encoding="utf-8") as fh:
                     text = fh.read()
                 assert "import pickle" not in text and "torch.load(" not in text, f
+
+
+def test_slices_of_fp8_weights_read_alone_equal_slices_of_the_whole(tmp_path):
+    """A rank of a split model reads only its rows or columns of an FP8 weight: the 128-blocks the slice
+    touches are dequantised and trimmed, and give what dequantising the whole tensor and slicing gives."""
+    from dsv3 import DeepSeekV3, preset, save_pretrained
+    from dsv3.checkpoint.files import CheckpointReader
+    from dsv3.checkpoint.pretrained import read_slice, read_tensor
+
+    torch.manual_seed(0)
+    model = DeepSeekV3(preset("small"))
+    model.init_weights()
+    save_pretrained(model, str(tmp_path), fp8=True)
+    reader = CheckpointReader(str(tmp_path))
+    fp8 = [k for k in reader.keys() if reader.dtype(k) == torch.float8_e4m3fn]
+    assert len(fp8) > 10
+    for key in fp8[:12]:
+        whole = read_tensor(reader, key, torch.float32)
+        for dim in (0, 1):
+            n = whole.shape[dim]
+            for start, stop in ((0, n // 2), (n // 2, n), (n // 3, n // 3 + max(1, n // 5))):
+                got = read_slice(reader, key, torch.float32, dim, start, stop)
+                assert torch.equal(got, whole.narrow(dim, start, stop - start)), (key, dim, start, stop)
