@@ -66,6 +66,20 @@ def call(port, method, path, body=None, key=KEY, raw=None, headers=None):
     return status, json.loads(data)
 
 
+def wait_up(proc, port, key=None, timeout=60.0, path="/health"):
+    """Wait until the server process `proc` answers `path` on `port`; fail with its stderr if it exits first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, proc.stderr.read()
+        try:
+            if call(port, "GET", path, key=key)[0] == 200:
+                return
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, "dsv3 serve did not come up"
+        time.sleep(0.2)
+
+
 def wait_idle(port, timeout=10.0):
     """Poll /health until nothing is in flight, every batch slot is free and no cache block is held (the pool
     never leaks, whatever became of the requests); return the last answer."""

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from infer_models import one_thread, trained_tiny
-from server_helpers import KEY, call, free_port
+from server_helpers import KEY, call, free_port, wait_up
 
 from dsv3.cli import main
 from dsv3.infer import Engine, SamplingParams
@@ -43,17 +43,9 @@ def served():
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DSV3_API_KEY": KEY}
     proc = subprocess.Popen([sys.executable, "-m", "dsv3", "serve", "--model", directory, "--port", str(port),
                              "--name", NAME, "--cache-dtype", "fp32", "--max-batch", "8"],
-                            env=env, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if call(port, "GET", "/health")[0] == 200:
-                break
-        except OSError:
-            pass
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()[-2000:]
-        time.sleep(0.2)
+                            env=env, stderr=subprocess.PIPE, text=True)
     try:
+        wait_up(proc, port)
         yield port, model, tok, directory
     finally:
         proc.terminate()

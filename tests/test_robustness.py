@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
+import server_helpers
 import torch
 from infer_models import assert_same_or_near_tie, one_thread, trained_tiny
 from server_helpers import KEY, NAME, call, free_port, live_server, wait_idle
@@ -314,16 +315,7 @@ def start_serve(*args, env=None):
 
 
 def wait_up(proc, port, key, timeout=60):
-    deadline = time.monotonic() + timeout
-    while True:
-        assert proc.poll() is None, proc.stderr.read()
-        try:
-            if call(port, "GET", "/v1/models", key=key)[0] == 200:
-                return
-        except OSError:
-            pass
-        assert time.monotonic() < deadline, "dsv3 serve did not come up"
-        time.sleep(0.2)
+    server_helpers.wait_up(proc, port, key, timeout, path="/v1/models")  # the key is checked on the way
 
 
 @pytest.mark.slow

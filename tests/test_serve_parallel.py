@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 from infer_models import one_thread, trained_tiny
-from server_helpers import call, free_port
+from server_helpers import call, free_port, wait_up
 
 from dsv3 import DeepSeekV3, preset, save_pretrained
 from dsv3.checkpoint import load_pretrained
@@ -95,16 +95,7 @@ def test_serve_across_two_ranks_answers_as_one_process_and_dies_with_a_rank():
                              "--name", "split", "--cache-dtype", "fp32", "--speculative", "mtp", "--nproc", "2"],
                             env=ENV, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, proc.stderr.read()
-            try:
-                if call(port, "GET", "/health", key=None)[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "the split server did not come up"
-            time.sleep(0.3)
+        wait_up(proc, port, timeout=90)
         engine = Engine(model, tok, max_batch=4, cache_dtype="fp32", speculative=True)
         prompts = ["the latent cache", "experts are chosen", "a server batches"]
         params = SamplingParams(max_new_tokens=16, stop_token_ids=(tok.eos_id,))

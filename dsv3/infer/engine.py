@@ -149,8 +149,11 @@ class Engine:
         self.speculative = config.speculative
         self.device = next(model.parameters()).device
         self.block_size = config.block_size
-        pool_tokens = config.cache_tokens or config.max_batch * (self.max_len + 1)
-        self.pool = BlockPool(math.ceil(pool_tokens / self.block_size) + 1, self.block_size)  # + the padding block
+        if config.cache_tokens is None:  # room for max_batch sequences of the longest length, as rows had
+            blocks = config.max_batch * math.ceil((self.max_len + 1) / self.block_size)
+        else:
+            blocks = math.ceil(config.cache_tokens / self.block_size)
+        self.pool = BlockPool(blocks + 1, self.block_size)  # + the padding block
         # MTP module 1 needs its own layer of the cache when it drafts
         n_layers = cfg.num_hidden_layers + (1 if self.speculative else 0)
         self.cache = PagedLatentCache(cfg, self.block_size, config.cache_dtype, self.device, n_layers)
