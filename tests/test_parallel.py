@@ -10,8 +10,8 @@ micro-batches (mathematically the same step)."""
 
 import json
 import os
-import re
 import pydoc_data.topics
+import re
 import signal
 import subprocess
 import sys
