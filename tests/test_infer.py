@@ -12,6 +12,7 @@ from infer_models import assert_same_or_near_tie, one_thread, random_tiny, train
 
 from dsv3.chat_template import ChatTemplate, deepseek_v3_format
 from dsv3.cli import main
+from dsv3.errors import InvalidValue
 from dsv3.infer import Engine, SamplingParams
 from dsv3.infer.sampling import probabilities, sample
 from dsv3.infer.speculative import Draft, verify
@@ -315,3 +316,23 @@ def test_cli_errors_are_one_line(capsys, tmp_path):
     assert "--top-p 2.0 must be a number in (0, 1]" in capsys.readouterr().err
     assert main(["generate", "--preset", "tiny", "--max-len", "1", "hello"]) == 2
     assert "--max-len 1 must be an integer of at least 2 tokens" in capsys.readouterr().err
+
+
+def test_sequences_stop_drafting_when_it_does_not_pay_and_the_output_stays_greedy():
+    """A random model's MTP module is right about 1 time in the vocabulary size: with the adaptive policy each
+    sequence stops drafting within a few steps (a speculative step measurably costs more than a plain one),
+    with "always" none does, and the greedy tokens are plain decoding's either way."""
+    model = random_tiny()
+    prompts = [[1, 2, 3, 4], [7, 8, 9]]
+    params = SamplingParams(max_new_tokens=40)
+    plain = Engine(model, max_batch=2, cache_dtype="fp32").generate(prompts, params)
+    adaptive = Engine(model, max_batch=2, cache_dtype="fp32", speculative=True)
+    always = Engine(model, max_batch=2, cache_dtype="fp32", speculative=True, draft_policy="always")
+    runs = {}
+    for name, engine in (("adaptive", adaptive), ("always", always)):
+        runs[name] = engine.generate(prompts, params)
+        assert [s.tokens for s in runs[name]] == [s.tokens for s in plain]
+    assert adaptive.stats.stopped_drafting == 2 and not any(s.drafting for s in runs["adaptive"])
+    assert adaptive.stats.drafted < always.stats.drafted and always.stats.stopped_drafting == 0
+    with pytest.raises(InvalidValue, match="draft_policy"):
+        Engine(model, speculative=True, draft_policy="sometimes")

@@ -58,6 +58,10 @@ def add_serving(parser: argparse.ArgumentParser, *, max_batch: int | None = None
                         help="latent cache storage; fp8 is e4m3 with a scale per 128 values (default: bf16)")
     parser.add_argument("--speculative", choices=["mtp"],
                         help="draft tokens with the MTP module, verify with the model")
+    parser.add_argument("--draft-policy", choices=["adaptive", "always"], default="adaptive",
+                        help="with --speculative: 'adaptive' lets each sequence draft only while its acceptance "
+                             "pays for the measured cost of a speculative step; 'always' drafts every step "
+                             "(default: adaptive)")
     parser.add_argument("--max-len", type=int, metavar="N",
                         help="longest sequence, prompt included (default: the model's max_position_embeddings); "
                              "the cache grows with the requests up to it")
@@ -109,6 +113,7 @@ def make_engine(args: argparse.Namespace, loaded):
 
     config = ServingConfig(max_batch=getattr(args, "max_batch", 1), max_len=args.max_len,
                            cache_dtype=args.cache_dtype, speculative=bool(args.speculative),
+                           draft_policy=args.draft_policy,
                            block_size=args.block_size, cache_tokens=args.cache_tokens,
                            prefill_chunk=args.prefill_chunk, prefix_cache=args.prefix_cache)
     if not launched():

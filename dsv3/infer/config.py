@@ -21,6 +21,7 @@ class ServingConfig:
     max_len: int | None = None  # the context bound of a sequence; None: the model's max_position_embeddings
     cache_dtype: str = "bf16"  # latent cache storage: bf16, fp32 or fp8
     speculative: bool = False  # draft with MTP module 1, verify with the model
+    draft_policy: str = "adaptive"  # "adaptive": each sequence drafts while it pays; "always"
     block_size: int = 64  # positions per block of the paged cache
     cache_tokens: int | None = None  # the pool's size in tokens; None: max_batch sequences of max_len each
     prefill_chunk: int | None = None  # prompt tokens prefilled per step at most; None: whole prompts
@@ -32,6 +33,8 @@ class ServingConfig:
             raise InvalidValue("max_batch", self.max_batch, "must be at least 1")
         if self.cache_dtype not in CACHE_DTYPES:
             raise InvalidValue("cache_dtype", self.cache_dtype, f"is not one of {', '.join(CACHE_DTYPES)}")
+        if self.draft_policy not in ("adaptive", "always"):
+            raise InvalidValue("draft_policy", self.draft_policy, "is not one of adaptive, always")
         for name, low in (("block_size", 1), ("cache_tokens", 1), ("prefill_chunk", 1)):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):

@@ -78,6 +78,8 @@ class Sequence:
     keys: list[bytes] = field(default_factory=list)  # prefix keys of its leading blocks, registered ones first
     generator: torch.Generator | None = None
     draft: Draft | None = None
+    drafting: bool = True  # with speculation: still drafting (it stops for good when drafting does not pay)
+    mtp_written: int | None = None  # once it stops drafting: the MTP layer's slots 0..mtp_written-1 are written
     n_drafted: int = 0
     n_accepted: int = 0
     cancelled: bool = False
@@ -113,6 +115,7 @@ class Stats:
     decode_steps: int = 0
     drafted: int = 0
     accepted: int = 0
+    stopped_drafting: int = 0  # sequences that stopped drafting because it did not pay
     prefix_hit_tokens: int = 0  # prompt tokens whose prefill a cached block saved
     prefix_lookup_tokens: int = 0  # prompt tokens of the sequences that looked for cached blocks
 
@@ -133,6 +136,9 @@ class Engine:
     ServingConfig(max_batch=8))`.
     """
 
+    DRAFT_PRIOR = 4  # drafts' worth of the engine's acceptance a new sequence's own rate starts from
+    DRAFT_PRIOR_RATE = 0.75  # the acceptance assumed before the engine has drafted that many
+    RECALIBRATE = 64  # decode steps between measurements of what a plain step would cost
     GROWTH = 1.5  # the cache's storage grows geometrically with the blocks handed out, at least GROW_TOKENS
     GROW_TOKENS = 256
 
@@ -161,6 +167,7 @@ class Engine:
         self.prefilling: list[Sequence] = []
         self.running: list[Sequence] = []
         self.promised = 0  # blocks promised to admitted sequences and not yet handed out
+        self._step_costs: dict[int, list[float]] = {}  # batch size -> [plain, speculative] step seconds
         self.stats = Stats()
 
     @property
@@ -220,7 +227,12 @@ class Engine:
         active = [s for s in self.running if not s.done]
         if active:
             t0 = time.perf_counter()
-            (self._speculative_step if self.speculative else self._decode_step)(active)
+            drafting = [s for s in active if self.speculative and self._keeps_drafting(s)]
+            plain = [s for s in active if s not in drafting]
+            if drafting:
+                self._speculative_step(drafting)
+            if plain:
+                self._decode_step(plain)
             self.stats.decode_time += time.perf_counter() - t0
             self.stats.decode_steps += 1
         changed += [s for s in prefilled if s not in active] + active
@@ -285,6 +297,8 @@ class Engine:
         if not self.config.prefix_cache or s.params.prompt_logprobs is not None:
             return
         size = self.block_size
+        if s.mtp_written is not None:  # no longer drafting: later blocks lack the MTP layer's slots
+            written = min(written, s.mtp_written)
         n_full = min(written, s.length - (1 if self.speculative else 0)) // size
         if n_full <= len(s.keys):
             return
@@ -396,13 +410,40 @@ class Engine:
             s.prompt_logprobs += prompt_logprobs(self.model.logits, hidden[:n], s.prompt[start : start + n + 1],
                                                  s.params.prompt_logprobs)[1:]
 
+    # ----- whether drafting pays -----------------------------------------------------------------------
+    def _keeps_drafting(self, s: Sequence) -> bool:
+        """A speculative step costs r plain steps (measured, at this batch size) and yields 1 + a tokens for a
+        sequence whose drafts are accepted at rate a: drafting pays while a > r - 1. The rate is the
+        sequence's own, pulled towards the engine's (DRAFT_PRIOR drafts' worth) until it has a history of
+        its own. A sequence that stops drafting stops for good: its MTP layer's cache is no longer written."""
+        if not s.drafting or self.config.draft_policy == "always":
+            return s.drafting
+        engine = self.stats.acceptance if self.stats.drafted >= self.DRAFT_PRIOR else self.DRAFT_PRIOR_RATE
+        rate = (s.n_accepted + self.DRAFT_PRIOR * engine) / (s.n_drafted + self.DRAFT_PRIOR)
+        ratio = self._cost_ratio(sum(1 for r in self.running if r.drafting and not r.done))
+        if ratio is not None and rate <= ratio - 1:
+            s.drafting, s.mtp_written, s.draft = False, s.length - 1, None
+            self.stats.stopped_drafting += 1
+        return s.drafting
+
+    def _cost_ratio(self, batch: int) -> float | None:
+        costs = self._step_costs.get(batch)
+        return costs[1] / costs[0] if costs and costs[0] and costs[1] else None
+
+    def _record_cost(self, batch: int, kind: int, seconds: float) -> None:
+        """Running mean of a plain (kind 0) or speculative (kind 1) step's time at this batch size."""
+        costs = self._step_costs.setdefault(batch, [0.0, 0.0])
+        costs[kind] = seconds if not costs[kind] else 0.8 * costs[kind] + 0.2 * seconds
+
     def _decode_step(self, active: list[Sequence]) -> None:
         ids = torch.tensor([[s.tokens[-1]] for s in active], device=self.device)  # [B, 1]
         positions = torch.tensor([[s.length - 1] for s in active], device=self.device)  # [B, 1]
         for s in active:
             self._hold(s, s.length)
         cache = self.cache.rows([s.blocks for s in active])
+        t0 = time.perf_counter()
         logits = self.model.run(ids, positions, cache, attn="absorb").logits[:, -1]  # [B, V]
+        self._record_cost(len(active), 0, time.perf_counter() - t0)
         if all(s.params.greedy for s in active):
             for s, t, row_logits in zip(active, logits.argmax(dim=-1).tolist(), logits):
                 self._append(s, t, row_logits)
@@ -419,6 +460,15 @@ class Engine:
         for s in active:
             self._hold(s, s.length + 1)
         cache = self.cache.rows([s.blocks for s in active])
+        B = len(active)
+        if self.config.draft_policy == "adaptive" and (B not in self._step_costs or self.stats.decode_steps %
+                                                       self.RECALIBRATE == 0):
+            # what a plain step would cost here: the same forward for the last tokens alone. It writes slot n
+            # with the very values the speculative forward writes there next, so it changes nothing.
+            t0 = time.perf_counter()
+            self.model.run(ids[:, :1], positions[:, :1], cache, attn="absorb")
+            self._record_cost(B, 0, time.perf_counter() - t0)
+        t0 = time.perf_counter()
         out = self.model.run(ids, positions, cache, attn="absorb")  # logits [B, 2, V], hidden [B, 2, d]
         next_ids = torch.zeros_like(ids)
         accepted = []
@@ -438,6 +488,7 @@ class Engine:
         pick = torch.tensor(accepted, device=self.device)[:, None]  # [B, 1]
         draft = self.model.mtp_step(out.hidden, next_ids, positions, cache, attn="absorb", logits_at=pick)
         self._draft(active, draft.logits[:, 0])
+        self._record_cost(B, 1, time.perf_counter() - t0)
 
     def _draft(self, seqs: list[Sequence], logits: torch.Tensor, only: list[Sequence] | None = None) -> None:
         """Each running sequence's draft of its next-but-one token from MTP's logits [B, V] (of those in
