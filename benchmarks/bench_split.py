@@ -55,7 +55,7 @@ def split_rank(args) -> None:
     model = load_pretrained(args.model_dir, "fp32", shard=inference.shard)
     config = ServingConfig(max_batch=8, cache_dtype="fp32")
     if dist.get_rank() != 0:
-        serving.follow(Engine(model, None, config))
+        serving.follow(serving.Follower(model, None, config))
         return
     engine = serving.Leader(model, None, config)
     result = run_all(engine, args, model.config.vocab_size)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -131,3 +132,26 @@ def _rank_of(pid: int) -> int | None:
     except OSError:
         return None
     return int(env[b"RANK"]) if b"RANK" in env else None
+
+
+def test_ranks_stop_drafting_together(tmp_path):
+    """With a useless MTP module every sequence stops drafting after a few steps, on the leader's timings; the
+    other ranks are told, so the job neither hangs nor diverges and its tokens are one process's."""
+    import shutil
+
+    model, tok, directory = trained_tiny()
+    useless = tmp_path / "useless-mtp"
+    shutil.copytree(directory, useless)
+    broken = load_pretrained(directory, "fp32")
+    torch.manual_seed(1)
+    for p in broken.mtp.parameters():
+        p.data.normal_(0, 0.5)
+    save_pretrained(broken, str(useless))
+    args = ["--model", str(useless), "--max-new-tokens", "40", "--cache-dtype", "fp32", "--speculative", "mtp",
+            "--stats"]
+    split = subprocess.run([sys.executable, "-m", "dsv3", "generate", *args, "--nproc", "2", "the latent cache"],
+                           env=ENV, capture_output=True, text=True, timeout=300)
+    assert split.returncode == 0, split.stderr[-3000:]
+    assert split.stdout == dsv3("generate", *args, "the latent cache")
+    acceptance = re.search(r"MTP acceptance ([\d.]+)% \((\d+)/(\d+)\)", split.stderr)
+    assert acceptance and int(acceptance[3]) < 39  # it stopped drafting before the end

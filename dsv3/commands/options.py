@@ -124,7 +124,7 @@ def make_engine(args: argparse.Namespace, loaded):
 
     if dist.get_rank() == 0:
         return serving.Leader(loaded.model, loaded.tokenizer, config)
-    serving.follow(Engine(loaded.model, loaded.tokenizer, config))
+    serving.follow(serving.Follower(loaded.model, loaded.tokenizer, config))
     sys.exit(0)
 
 

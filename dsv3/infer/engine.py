@@ -139,6 +139,7 @@ class Engine:
     DRAFT_PRIOR = 4  # drafts' worth of the engine's acceptance a new sequence's own rate starts from
     DRAFT_PRIOR_RATE = 0.75  # the acceptance assumed before the engine has drafted that many
     RECALIBRATE = 64  # decode steps between measurements of what a plain step would cost
+    SEEDED_COST_RATIO = 1.5  # the cost of a speculative step, in plain steps, that seeded sampled sequences assume
     GROWTH = 1.5  # the cache's storage grows geometrically with the blocks handed out, at least GROW_TOKENS
     GROW_TOKENS = 256
 
@@ -221,13 +222,14 @@ class Engine:
     def step(self) -> list[Sequence]:
         """Admit what fits, prefill (a chunk), advance every running sequence once; return the sequences that
         changed."""
+        self._update_drafting()
         changed = self._drop_cancelled()
         self._admit()
         prefilled = self._prefill()
         active = [s for s in self.running if not s.done]
         if active:
             t0 = time.perf_counter()
-            drafting = [s for s in active if self.speculative and self._keeps_drafting(s)]
+            drafting = [s for s in active if self.speculative and s.drafting]
             plain = [s for s in active if s not in drafting]
             if drafting:
                 self._speculative_step(drafting)
@@ -411,20 +413,37 @@ class Engine:
                                                  s.params.prompt_logprobs)[1:]
 
     # ----- whether drafting pays -----------------------------------------------------------------------
-    def _keeps_drafting(self, s: Sequence) -> bool:
-        """A speculative step costs r plain steps (measured, at this batch size) and yields 1 + a tokens for a
-        sequence whose drafts are accepted at rate a: drafting pays while a > r - 1. The rate is the
-        sequence's own, pulled towards the engine's (DRAFT_PRIOR drafts' worth) until it has a history of
-        its own. A sequence that stops drafting stops for good: its MTP layer's cache is no longer written."""
-        if not s.drafting or self.config.draft_policy == "always":
-            return s.drafting
+    def _update_drafting(self) -> None:
+        for s in self._drafts_that_do_not_pay():
+            self.stop_drafting(s)
+
+    def _drafts_that_do_not_pay(self) -> list[Sequence]:
+        """The running sequences to stop drafting. A speculative step costs r plain steps (measured, at this
+        batch size) and yields 1 + a tokens for a sequence whose drafts are accepted at rate a: drafting pays
+        while a > r - 1. The rate is the sequence's own, pulled towards the engine's (DRAFT_PRIOR drafts'
+        worth) until it has a history of its own."""
+        if not self.speculative or self.config.draft_policy != "adaptive":
+            return []
+        drafting = [s for s in self.running if s.drafting and not s.done]
+        measured = self._cost_ratio(len(drafting))
         engine = self.stats.acceptance if self.stats.drafted >= self.DRAFT_PRIOR else self.DRAFT_PRIOR_RATE
-        rate = (s.n_accepted + self.DRAFT_PRIOR * engine) / (s.n_drafted + self.DRAFT_PRIOR)
-        ratio = self._cost_ratio(sum(1 for r in self.running if r.drafting and not r.done))
-        if ratio is not None and rate <= ratio - 1:
-            s.drafting, s.mtp_written, s.draft = False, s.length - 1, None
-            self.stats.stopped_drafting += 1
-        return s.drafting
+        stop = []
+        for s in drafting:
+            if s.params.seed is not None and not s.params.greedy:
+                # when drafting stops changes which random draws a sampled sequence makes: a seeded one decides
+                # from its own drafts and a fixed cost, so that its tokens repeat whatever runs beside it
+                ratio, prior = self.SEEDED_COST_RATIO, self.DRAFT_PRIOR_RATE
+            else:
+                ratio, prior = measured, engine
+            if ratio is not None and (s.n_accepted + self.DRAFT_PRIOR * prior) / (s.n_drafted + self.DRAFT_PRIOR) \
+                    <= ratio - 1:
+                stop.append(s)
+        return stop
+
+    def stop_drafting(self, s: Sequence) -> None:
+        """s decodes plainly from now on, for good: its MTP layer's cache is no longer written."""
+        s.drafting, s.mtp_written, s.draft = False, s.length - 1, None
+        self.stats.stopped_drafting += 1
 
     def _cost_ratio(self, batch: int) -> float | None:
         costs = self._step_costs.get(batch)

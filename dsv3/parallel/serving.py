@@ -2,7 +2,8 @@
 its engine; every other rank runs an identical engine over its slices of the model and replays the leader's.
 
 Before each step the leader broadcasts what changed since the last one: sequences added (prompt and sampling
-parameters), sequences cancelled, everything aborted, or the end. Then every rank steps. The engines start
+parameters), sequences cancelled, sequences that stop drafting (a choice made from the leader's timings),
+everything aborted, or the end. Then every rank steps. The engines start
 equal and see the same requests in the same order; every forward ends in collectives that leave the same
 logits on every rank (`dsv3.parallel.inference`), and each sequence samples from a generator seeded by the
 leader. So all ranks schedule, sample and stop alike without exchanging a single token. A rank that dies
@@ -62,9 +63,16 @@ class Leader(Engine):
         self._changes.append(("abort",))
 
     def step(self) -> list[Sequence]:
+        # whether a sequence keeps drafting rests on this rank's timings: decided here, told to the others
+        for s in self._drafts_that_do_not_pay():
+            self.stop_drafting(s)
+            self._changes.append(("stop drafting", s.id))
         changes, self._changes = self._changes, []
         dist.broadcast_object_list([changes], src=0)
         return super().step()
+
+    def _update_drafting(self) -> None:
+        pass  # decided in `step`, before the broadcast
 
     def close(self) -> None:
         """Release the followers (at exit; once)."""
@@ -76,7 +84,14 @@ class Leader(Engine):
                 pass
 
 
-def follow(engine: Engine) -> None:
+class Follower(Engine):
+    """Another rank's engine: it makes no decision of its own (`follow` applies the leader's)."""
+
+    def _update_drafting(self) -> None:
+        pass
+
+
+def follow(engine: Follower) -> None:
     """Replay the leader's steps on this rank's engine until the leader ends."""
     seqs: dict[int, Sequence] = {}
     while True:
@@ -87,6 +102,8 @@ def follow(engine: Engine) -> None:
                 seqs[change[1]] = engine.add(change[2], change[3])
             elif change[0] == "cancel" and change[1] in seqs:
                 engine.cancel(seqs[change[1]])
+            elif change[0] == "stop drafting" and change[1] in seqs:
+                engine.stop_drafting(seqs[change[1]])
             elif change[0] == "abort":
                 engine.abort_all()
             elif change[0] == "end":
