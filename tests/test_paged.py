@@ -168,3 +168,24 @@ def test_paged_reads_equal_contiguous_rows():
         want = model.run(ids[:, 13:], positions, rows, attn="absorb").logits
         got = model.run(ids[:, 13:], positions, paged.rows(tables), attn="absorb").logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_one_row_of_consecutive_blocks_reads_as_a_view_and_equals_the_row_cache():
+    from dsv3.model.cache import PagedLatentCache, new_cache
+
+    model, _, _ = trained_tiny()
+    cfg = model.config
+    ids = torch.randint(0, cfg.vocab_size, (1, 19))
+    for dtype in ("fp32", "fp8"):
+        rows = new_cache(cfg, 1, 24, dtype)
+        paged = PagedLatentCache(cfg, 4, dtype, n_blocks=12)
+        view = paged.rows([[3, 4, 5, 6, 7]])
+        assert view.first == 12  # block 3's first slot: the row is read without a gather
+        with torch.inference_mode():
+            want = model.run(ids[:, :11], cache=rows).logits
+            got = model.run(ids[:, :11], cache=view).logits
+            torch.testing.assert_close(got, want)
+            positions = torch.arange(11, 19)[None]
+            want = model.run(ids[:, 11:], positions, rows, attn="absorb").logits
+            got = model.run(ids[:, 11:], positions, view, attn="absorb").logits
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -210,6 +210,13 @@ class PagedLatentCache:
             c_kv = dequantize_tiles(c_kv, self.c_scale[layer][slots], dtype)
         return c_kv.to(dtype), self.k_pe[layer][slots].to(dtype)
 
+    def _read_range(self, layer: int, lo: int, hi: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slots lo..hi-1 as one row, [1, hi - lo, n]: views when no conversion is needed."""
+        c_kv = self.c_kv[layer][lo:hi]
+        if self.format == "fp8":
+            c_kv = dequantize_tiles(c_kv, self.c_scale[layer][lo:hi], dtype)
+        return c_kv.to(dtype)[None], self.k_pe[layer][lo:hi].to(dtype)[None]
+
     def nbytes_per_token(self) -> int:
         return bytes_per_token(self.cfg, self.format, self.n_layers)
 
@@ -224,6 +231,14 @@ class PagedRows:
 
     def __init__(self, cache: PagedLatentCache, table: torch.Tensor):
         self.cache, self.table = cache, table  # table [B, blocks]
+        # one row whose blocks follow each other in the pool (the common case: ids are handed out lowest
+        # first) is read as a view of the storage, without gathering; `first` is its first slot
+        self.first = None
+        if table.shape[0] == 1:
+            held = table[0][table[0] > 0]  # block 0 is padding, never a sequence's
+            if held.numel() and bool((held == torch.arange(int(held[0]), int(held[0]) + held.numel(),
+                                                           device=held.device)).all()):
+                self.first, self.held = int(held[0]) * cache.block_size, held.numel() * cache.block_size
 
     def update(self, layer, positions, c_kv, k_pe):
         size = self.cache.block_size
@@ -232,6 +247,8 @@ class PagedRows:
             raise ValueError(f"position {last} is past the {held} slots of this batch's block tables")
         slots = self.table.gather(1, positions // size) * size + positions % size  # [B, T]
         self.cache._write(layer, slots, c_kv, k_pe)
+        if self.first is not None and last < self.held:
+            return self.cache._read_range(layer, self.first, self.first + last + 1, c_kv.dtype)
         blocks = last // size + 1
         offsets = torch.arange(size, device=self.table.device)
         read = (self.table[:, :blocks, None] * size + offsets).flatten(1)[:, : last + 1]  # [B, S]
