@@ -89,34 +89,7 @@ def create_app(engine: Engine, tokenizer, config: ServerConfig, template: ChatTe
         return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": api.created,
                                             "owned_by": "dsv3", "max_model_len": engine.max_len}]}
 
-    @app.post("/tokenize")
-    async def tokenize(body: TokenizeRequest):
-        api.check_model(body.model)
-        if body.prompt is not None:
-            ids = await api.encode(body.prompt, "prompt", bos=body.add_special_tokens is not False)
-        else:
-            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-            try:
-                text = api.template.render(messages, add_generation_prompt=body.add_generation_prompt)
-            except ValueError as e:
-                raise APIError(400, str(e), param="messages") from None
-            ids = await api.encode(text, "messages", bos=bool(body.add_special_tokens))
-        strs = [tokenizer.id_to_token(t) for t in ids] if body.return_token_strs else None
-        return {"count": len(ids), "max_model_len": engine.max_len, "tokens": ids, "token_strs": strs}
-
-    @app.post("/detokenize")
-    async def detokenize(body: DetokenizeRequest):
-        api.check_model(body.model)
-        api.check_ids(body.tokens, "tokens")
-        return {"prompt": await asyncio.to_thread(tokenizer.decode, body.tokens)}
-
-    @app.get("/tokenizer_info")
-    async def tokenizer_info():
-        settings = {k: v for k, v in (tokenizer.config or {}).items() if isinstance(v, (str, int, float, bool))}
-        return {**settings, "tokenizer_class": settings.get("tokenizer_class", "PreTrainedTokenizerFast"),
-                "bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token, "pad_token": tokenizer.pad_token,
-                "model_max_length": engine.max_len, "vocab_size": engine.model.config.vocab_size,
-                "chat_template": api.template.source}
+    _add_tokenizer_routes(app, api)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -128,6 +101,36 @@ def create_app(engine: Engine, tokenizer, config: ServerConfig, template: ChatTe
 
     add_page(app)
     return app
+
+
+def _add_tokenizer_routes(app: FastAPI, api: _Api) -> None:
+    """vLLM's /tokenize, /detokenize and /tokenizer_info (lm-evaluation-harness tokenizes through them)."""
+    tok = api.tokenizer
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        api.check_model(body.model)
+        if body.prompt is not None:
+            ids = await api.encode(body.prompt, "prompt", bos=body.add_special_tokens is not False)
+        else:
+            text = api.render(body.messages, body.add_generation_prompt)
+            ids = await api.encode(text, "messages", bos=bool(body.add_special_tokens))
+        strs = [tok.id_to_token(t) for t in ids] if body.return_token_strs else None
+        return {"count": len(ids), "max_model_len": api.engine.max_len, "tokens": ids, "token_strs": strs}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        api.check_model(body.model)
+        api.check_ids(body.tokens, "tokens")
+        return {"prompt": await asyncio.to_thread(tok.decode, body.tokens)}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        settings = {k: v for k, v in (tok.config or {}).items() if isinstance(v, (str, int, float, bool))}
+        return {**settings, "tokenizer_class": settings.get("tokenizer_class", "PreTrainedTokenizerFast"),
+                "bos_token": tok.bos_token, "eos_token": tok.eos_token, "pad_token": tok.pad_token,
+                "model_max_length": api.engine.max_len, "vocab_size": api.engine.model.config.vocab_size,
+                "chat_template": api.template.source}
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -218,8 +221,19 @@ class _Api:
             raise APIError(400, f"the {param} is longer than this model's context of {self.engine.max_len} tokens "
                            "could hold; shorten it", code="context_length_exceeded", param=param)
         ids = await asyncio.to_thread(self.tokenizer.encode, text)
+        return self.with_bos(ids) if bos else ids
+
+    def with_bos(self, ids: list[int]) -> list[int]:
         bos_id = self.tokenizer.bos_id
-        return [bos_id, *ids] if bos and bos_id is not None and ids[:1] != [bos_id] else ids
+        return [bos_id, *ids] if bos_id is not None and ids[:1] != [bos_id] else ids
+
+    def render(self, messages: list, add_generation_prompt: bool = True) -> str:
+        """Chat messages through the chat template; a conversation the template refuses is the client's error."""
+        try:
+            return self.template.render([{"role": m.role, "content": m.text()} for m in messages],
+                                        add_generation_prompt=add_generation_prompt)
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages") from None
 
     def check_ids(self, ids: list[int], param: str) -> None:
         vocab = self.engine.model.config.vocab_size
@@ -229,8 +243,8 @@ class _Api:
 
     async def prompt(self, prompt: str | list[int], add_bos: bool) -> Prompt:
         if isinstance(prompt, str):
-            ids = await self.encode(prompt, "prompt", bos=add_bos)
-            mine = await asyncio.to_thread(self.tokenizer.encode, prompt)
+            mine = await self.encode(prompt, "prompt")
+            ids = self.with_bos(mine) if add_bos else mine
             return Prompt(ids, len(ids) - len(mine), prompt)
         self.check_ids(prompt, "prompt")
         return Prompt(list(prompt), 0, await asyncio.to_thread(self.tokenizer.decode, prompt))
@@ -280,7 +294,8 @@ class _Api:
                     out.append(chunk([answer(i, "", ev.finish_reason)]))
                 return out
 
-            return sse(handles, request, body, on_event, chunk_usage(rid, "text_completion", prompts))
+            return sse(handles, request, body, on_event, chunk_usage(rid, "text_completion",
+                                                                              sum(len(p.ids) for p in prompts)))
         results = await collect_all(handles, request)
         choices = []
         for i, (p, h, (text, last)) in enumerate(zip(prompts, handles, results)):
@@ -300,12 +315,7 @@ class _Api:
         return entries
 
     async def chat(self, body: ChatRequest, request: Request):
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        try:
-            text = self.template.render(messages, add_generation_prompt=True)
-        except ValueError as e:
-            raise APIError(400, str(e), param="messages") from None
-        prompt = await self.encode(text, "messages")
+        prompt = await self.encode(self.render(body.messages), "messages")
         max_tokens = body.max_completion_tokens or body.max_tokens or max(self.engine.max_len - len(prompt), 1)
         top = (body.top_logprobs or 0) if body.logprobs else None
         [handle] = self.submit(body, [prompt], max_tokens, "messages", logprobs=top)
@@ -329,7 +339,7 @@ class _Api:
                     out.append(chunk({}, ev.finish_reason))
                 return out
 
-            return sse([handle], request, body, on_event, chunk_usage(rid, "chat.completion.chunk", [prompt]))
+            return sse([handle], request, body, on_event, chunk_usage(rid, "chat.completion.chunk", len(prompt)))
         [(text, last)] = await collect_all([handle], request)
         choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": last.finish_reason}
         if body.logprobs:
@@ -387,8 +397,7 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def chunk_usage(rid: str, obj: str, prompts: list):
-    prompt_tokens = sum(len(p.ids if isinstance(p, Prompt) else p) for p in prompts)
+def chunk_usage(rid: str, obj: str, prompt_tokens: int):
 
     def make(completion_tokens: int, model: str) -> dict:
         return {"id": rid, "object": obj, "created": int(time.time()), "model": model, "choices": [],
