@@ -75,6 +75,11 @@ class ModelConfig:
     )
     max_position_embeddings: int = 163840
     tie_word_embeddings: bool = False
+    # DeepSeek Sparse Attention (V3.2): a lightning indexer per attention layer with index_n_heads heads of
+    # index_head_dim scores every earlier token; attention keeps the index_topk best. None: dense MLA (V3).
+    index_n_heads: int | None = None
+    index_head_dim: int = 128
+    index_topk: int = 2048
     model_type: str = "deepseek_v3"
     # config.json fields the model does not use (architectures, token ids, quantization_config, ...),
     # kept so that to_hf() gives them back unchanged.
@@ -121,6 +126,16 @@ class ModelConfig:
         return self.topk_method == "noaux_tc"
 
     @property
+    def uses_dsa(self) -> bool:
+        """Whether attention is DeepSeek Sparse Attention (V3.2): an indexer picks the keys each query sees."""
+        return self.index_n_heads is not None
+
+    def with_dsa(self, index_n_heads: int = 64, index_head_dim: int = 128, index_topk: int = 2048) -> ModelConfig:
+        """This (dense V3) architecture as V3.2: the same model plus an indexer per attention layer."""
+        return self.replace(model_type="deepseek_v32", index_n_heads=index_n_heads, index_head_dim=index_head_dim,
+                            index_topk=index_topk)
+
+    @property
     def rope_type(self) -> str:
         if not self.rope_scaling:
             return "default"
@@ -158,6 +173,7 @@ class ModelConfig:
         self._validate_sizes()
         self._validate_routing()
         self._validate_rope()
+        self._validate_dsa()
         self._validate_unsupported()
 
     def _bad(self, name: str, why: str) -> ConfigError:
@@ -221,6 +237,21 @@ class ModelConfig:
             if y["original_max_position_embeddings"] <= 0:
                 raise ConfigError("config field rope_scaling.original_max_position_embeddings must be positive")
 
+    def _validate_dsa(self) -> None:
+        if (self.model_type == "deepseek_v32") != self.uses_dsa:
+            raise self._bad("index_n_heads", "must be set exactly when model_type is deepseek_v32 (sparse attention)")
+        if not self.uses_dsa:
+            return
+        for name in ("index_n_heads", "index_head_dim", "index_topk"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise self._bad(name, "must be a positive integer")
+        if self.q_lora_rank is None:
+            raise self._bad("q_lora_rank", "must be set for sparse attention: the indexer's queries read c_q")
+        if self.index_head_dim < self.qk_rope_head_dim:
+            raise self._bad("index_head_dim", f"is narrower than qk_rope_head_dim={self.qk_rope_head_dim}, which "
+                            "the indexer rotates")
+
     def _validate_unsupported(self) -> None:
         """Fields kept in `extra` whose other values the model cannot honour."""
         if self.extra.get("hidden_act", "silu") != "silu":
@@ -248,7 +279,8 @@ class ModelConfig:
         model_type = d.get("model_type", "deepseek_v3")
         if not isinstance(model_type, str) or model_type not in _HF_DEFAULTS:
             raise ConfigError(
-                f"config field model_type={model_type!r} is not a DeepSeek model; expected deepseek_v3 or deepseek_v2"
+                f"config field model_type={model_type!r} is not a DeepSeek model; expected deepseek_v3, deepseek_v32 "
+                "or deepseek_v2"
             )
         names = {f.name for f in dataclasses.fields(cls) if not f.name.startswith("_")} - {"extra", "model_type"}
         values: dict[str, Any] = dict(_HF_DEFAULTS[model_type])
@@ -282,6 +314,8 @@ class ModelConfig:
         for f in dataclasses.fields(self):
             name = f.name
             if name.startswith("_") or name in ("extra", "rope_scaling", "rope_theta"):
+                continue
+            if name.startswith("index_") and not self.uses_dsa:
                 continue
             value = getattr(self, name)
             if source_keys is not None and name not in source_keys and value == defaults.get(name, _MISSING):
@@ -330,7 +364,8 @@ def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
 
 _MISSING = object()
 
-_ARCHITECTURES = {"deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM"}
+_ARCHITECTURES = {"deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v32": "DeepseekV32ForCausalLM",
+                  "deepseek_v2": "DeepseekV2ForCausalLM"}
 
 # What transformers assumes for a field that a config.json leaves out, per model_type.
 # fmt: off
@@ -355,6 +390,9 @@ _HF_DEFAULTS: dict[str, dict[str, Any]] = {
     },
 }
 # fmt: on
+# V3.2 is V3 with the indexer; transformers' defaults for it differ only there and in the context length
+_HF_DEFAULTS["deepseek_v32"] = {**_HF_DEFAULTS["deepseek_v3"], "max_position_embeddings": 163840, "index_n_heads": 64,
+                                "index_head_dim": 128, "index_topk": 2048}
 
 
 def _no_constant(name: str) -> None:
@@ -488,11 +526,23 @@ def _small() -> ModelConfig:
     )
 
 
-PRESETS = {"v3": ModelConfig, "v2-lite": _v2_lite, "tiny": _tiny, "small": _small}
+def _v32() -> ModelConfig:
+    """DeepSeek-V3.2: V3 with DeepSeek Sparse Attention (64 indexer heads of 128, top 2,048 tokens)."""
+    return ModelConfig().with_dsa()
+
+
+def _tiny_dsa() -> ModelConfig:
+    """tiny with sparse attention keeping 8 tokens, so sequences of a few dozen tokens are sparse, for tests."""
+    return _tiny().with_dsa(index_n_heads=16, index_head_dim=16, index_topk=8)
+
+
+PRESETS = {"v3": ModelConfig, "v3.2": _v32, "v2-lite": _v2_lite, "tiny": _tiny, "tiny-dsa": _tiny_dsa,
+           "small": _small}
 
 
 def preset(name: str) -> ModelConfig:
-    """A named preset: v3 (671B), v2-lite (16B), small (quick start), tiny (tests)."""
+    """A named preset: v3 (671B), v3.2 (671B, sparse attention), v2-lite (16B), small (quick start), tiny and
+    tiny-dsa (tests)."""
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
     return PRESETS[name]()

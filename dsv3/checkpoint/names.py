@@ -22,6 +22,12 @@ BLOCK = {
     "self_attn.kv_a_layernorm.weight": "attn.kv_norm.weight",
     "self_attn.kv_b_proj.weight": "attn.wkv_b.weight",
     "self_attn.o_proj.weight": "attn.wo.weight",
+    # V3.2's lightning indexer (sparse attention)
+    "self_attn.indexer.wq_b.weight": "attn.indexer.wq_b.weight",
+    "self_attn.indexer.wk.weight": "attn.indexer.wk.weight",
+    "self_attn.indexer.k_norm.weight": "attn.indexer.k_norm.weight",
+    "self_attn.indexer.k_norm.bias": "attn.indexer.k_norm.bias",
+    "self_attn.indexer.weights_proj.weight": "attn.indexer.weights_proj.weight",
     "mlp.gate_proj.weight": "ffn.w1.weight",
     "mlp.up_proj.weight": "ffn.w3.weight",
     "mlp.down_proj.weight": "ffn.w2.weight",
@@ -44,10 +50,12 @@ MTP = {
 MTP_COPIES = {"embed_tokens.weight": "embed.weight", "shared_head.head.weight": "head.weight"}
 TOP = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight", "lm_head.weight": "head.weight"}
 
-# Tensors the release quantises to FP8 (with a sibling `weight_scale_inv`): attention projections, dense MLPs,
-# routed and shared experts. Embeddings, heads, norms, the router and MTP's own projections stay bf16/fp32.
+# Tensors the release quantises to FP8 (with a sibling `weight_scale_inv`): attention projections (V3.2's
+# indexer wq_b and wk among them), dense MLPs, routed and shared experts. Embeddings, heads, norms, the router,
+# the indexer's head weights and MTP's own projections stay bf16/fp32.
 _FP8_SUFFIXES = tuple(
-    s for s in BLOCK if s.startswith(("self_attn.", "mlp.")) and "layernorm" not in s and not s.startswith("mlp.gate.")
+    s for s in BLOCK if s.startswith(("self_attn.", "mlp.")) and "norm" not in s and not s.startswith("mlp.gate.")
+    and not s.endswith("weights_proj.weight")
 )
 
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")

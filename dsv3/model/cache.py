@@ -5,7 +5,10 @@ That is `kv_lora_rank + qk_rope_head_dim` numbers per token per layer (576 for V
 positions, one row per sequence, so sequences of different lengths share a batch, and rolling back
 rejected speculative tokens is simply writing over them.
 
-Two storage formats share one interface (`update`, the only call the attention layer makes):
+With sparse attention (V3.2) every token also keeps its index key (`update_index`): the lightning indexer
+scores all cached tokens from these, and attention then reads only the latent rows it selected.
+
+Two storage formats share one interface (`update` and `update_index`, the attention layer's only calls):
 - `LatentCache`: c_kv and k_pe in one dtype (bf16 or fp32);
 - `FP8LatentCache`: c_kv in float8 e4m3 with one fp32 scale per 128 values, k_pe in bf16 (the rotated key
   is small and precision-sensitive). At V3's dims that is 512 + 4 * 4 + 64 * 2 = 656 bytes per token per
@@ -31,18 +34,28 @@ from dsv3.fp8 import BLOCK, dequantize_tiles, quantize_tiles
 
 CACHE_DTYPES = ("bf16", "fp32", "fp8")
 _TORCH = {"bf16": torch.bfloat16, "fp32": torch.float32}
+# in FP8, a field stored in e4m3 and the field holding its fp32 scales (one per 128 values)
+_SCALES = {"c_kv": "c_scale", "k_index": "k_index_scale"}
 
 
 def latent_layout(cfg: ModelConfig, dtype: str) -> dict[str, tuple[int, torch.dtype]]:
     """What one token occupies in one layer: storage name -> (numbers, dtype). In FP8 the latent is e4m3 with
-    an fp32 scale per 128 values, and the rotated key stays bf16 (small, and precision-sensitive)."""
+    an fp32 scale per 128 values, and the rotated key stays bf16 (small, and precision-sensitive). With sparse
+    attention (V3.2) each token also keeps its index key k_index (index_head_dim numbers; FP8 like the latent)."""
     c, r = cfg.kv_lora_rank, cfg.qk_rope_head_dim
     if dtype == "fp8":
-        return {"c_kv": (c, torch.float8_e4m3fn), "c_scale": (math.ceil(c / BLOCK), torch.float32),
-                "k_pe": (r, torch.bfloat16)}
+        layout = {"c_kv": (c, torch.float8_e4m3fn), "c_scale": (math.ceil(c / BLOCK), torch.float32),
+                  "k_pe": (r, torch.bfloat16)}
+        if cfg.uses_dsa:
+            layout |= {"k_index": (cfg.index_head_dim, torch.float8_e4m3fn),
+                       "k_index_scale": (math.ceil(cfg.index_head_dim / BLOCK), torch.float32)}
+        return layout
     if dtype not in _TORCH:
         raise ValueError(f"cache dtype {dtype!r} is not one of {', '.join(CACHE_DTYPES)}")
-    return {"c_kv": (c, _TORCH[dtype]), "k_pe": (r, _TORCH[dtype])}
+    layout = {"c_kv": (c, _TORCH[dtype]), "k_pe": (r, _TORCH[dtype])}
+    if cfg.uses_dsa:
+        layout["k_index"] = (cfg.index_head_dim, _TORCH[dtype])
+    return layout
 
 
 def bytes_per_token(cfg: ModelConfig, dtype: str = "bf16", n_layers: int | None = None) -> int:
@@ -51,7 +64,36 @@ def bytes_per_token(cfg: ModelConfig, dtype: str = "bf16", n_layers: int | None 
     return layers * sum(n * t.itemsize for n, t in latent_layout(cfg, dtype).values())
 
 
-class LatentCache:
+class _Storage:
+    """Per-field tensors [L, ..., n] with one write and one read that quantise and dequantise FP8 fields."""
+
+    layout: dict[str, tuple[int, torch.dtype]]
+
+    def _store(self, layer: int, index, **fields: torch.Tensor) -> None:
+        """Write each field's values [..., n] at `index` (whatever indexes dims 1.. of the storage)."""
+        for name, value in fields.items():
+            dst = getattr(self, name)[layer]
+            if dst.dtype == torch.float8_e4m3fn:
+                value, getattr(self, _SCALES[name])[layer][index] = quantize_tiles(value)
+            dst[index] = value.to(dst.dtype)
+
+    def _load(self, layer: int, index, dtype: torch.dtype, *names: str) -> tuple[torch.Tensor, ...]:
+        """The named fields at `index`, in `dtype` (a basic index without conversion is a view)."""
+        out = []
+        for name in names:
+            src = getattr(self, name)[layer][index]
+            if src.dtype == torch.float8_e4m3fn:
+                src = dequantize_tiles(src, getattr(self, _SCALES[name])[layer][index], dtype)
+            out.append(src.to(dtype))
+        return tuple(out)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the whole cache holds (every row or block, every slot), counted from its tensors."""
+        return sum(getattr(self, name).nbytes for name in self.layout)
+
+
+class LatentCache(_Storage):
     """A latent cache for `batch_size` sequences of up to `max_len` tokens, in "bf16" or "fp32".
 
     Layers 0..L-1 are the main model's; MTP module k uses layer `cfg.mtp_layer_index(k)` = L + k - 1, its
@@ -97,37 +139,30 @@ class LatentCache:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write c_kv [B, T, c] and k_pe [B, T, r] at positions [B, T]; return the cache up to the last
         written position, [B, S, c] and [B, S, r], in the dtype of the inputs."""
-        return self._update(slice(None), layer, positions, c_kv, k_pe)
+        return self._update(slice(None), layer, positions, c_kv=c_kv, k_pe=k_pe)
+
+    def update_index(self, layer: int, positions: torch.Tensor, k_index: torch.Tensor) -> torch.Tensor:
+        """Sparse attention's index keys: write k_index [B, T, D] at positions [B, T]; return [B, S, D]."""
+        return self._update(slice(None), layer, positions, k_index=k_index)[0]
 
     def rows(self, index: list[int] | torch.Tensor) -> CacheRows:
         """A view of rows `index` (in that order) that the model can use as a cache of len(index) rows."""
         return CacheRows(self, index)
 
-    def _update(self, rows, layer, positions, c_kv, k_pe):
+    def _update(self, rows, layer, positions, **fields):
         S = int(positions.max()) + 1
         if self.max_len < S:
             raise ValueError(f"position {S - 1} is past the cache's max_len={self.max_len}")
         write_rows = _row_index(rows, positions.shape[0], positions.device)  # [B, 1]
-        self._write(layer, write_rows, positions, c_kv, k_pe)
-        return self._read(layer, rows, S, c_kv.dtype)
-
-    def _write(self, layer, rows, positions, c_kv, k_pe) -> None:
-        self.c_kv[layer][rows, positions] = c_kv.to(self.c_kv.dtype)
-        self.k_pe[layer][rows, positions] = k_pe.to(self.k_pe.dtype)
-
-    def _read(self, layer, rows, S, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        self._store(layer, (write_rows, positions), **fields)
         # a slice of rows is a view (no copy when the dtypes agree); a list of rows gathers
-        return self.c_kv[layer][rows, :S].to(dtype), self.k_pe[layer][rows, :S].to(dtype)
+        dtype = next(iter(fields.values())).dtype
+        return self._load(layer, (rows, slice(0, S)), dtype, *fields)
 
     # ----- byte accounting ---------------------------------------------------------------------------
     def nbytes_per_token(self) -> int:
         """Bytes one token occupies across all of this cache's layers."""
         return bytes_per_token(self.cfg, self.format, self.n_layers)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes the whole cache holds (every row, every slot), counted from its tensors."""
-        return sum(getattr(self, name).nbytes for name in self.layout)
 
 
 class FP8LatentCache(LatentCache):
@@ -136,16 +171,6 @@ class FP8LatentCache(LatentCache):
     the layout FlashMLA reads."""
 
     format = "fp8"
-
-    def _write(self, layer, rows, positions, c_kv, k_pe) -> None:
-        q, scale = quantize_tiles(c_kv)
-        self.c_kv[layer][rows, positions] = q
-        self.c_scale[layer][rows, positions] = scale
-        self.k_pe[layer][rows, positions] = k_pe.to(self.k_pe.dtype)
-
-    def _read(self, layer, rows, S, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        c_kv = dequantize_tiles(self.c_kv[layer][rows, :S], self.c_scale[layer][rows, :S], dtype)
-        return c_kv, self.k_pe[layer][rows, :S].to(dtype)
 
 
 class CacheRows:
@@ -160,10 +185,13 @@ class CacheRows:
         self.index = slice(int(index[0]), int(index[0]) + n) if contiguous else index
 
     def update(self, layer, positions, c_kv, k_pe):
-        return self.cache._update(self.index, layer, positions, c_kv, k_pe)
+        return self.cache._update(self.index, layer, positions, c_kv=c_kv, k_pe=k_pe)
+
+    def update_index(self, layer, positions, k_index):
+        return self.cache._update(self.index, layer, positions, k_index=k_index)[0]
 
 
-class PagedLatentCache:
+class PagedLatentCache(_Storage):
     """The latent cache as a pool of blocks of `block_size` positions each, in any of CACHE_DTYPES. Which
     blocks a sequence owns is its block table (`dsv3.infer.blocks` keeps them); `rows(tables)` gives the model
     a cache over a batch of tables. Storage is [L, blocks * block_size, n] per field of the layout and grows
@@ -198,31 +226,8 @@ class PagedLatentCache:
             table[i, : len(t)] = torch.tensor(t, dtype=torch.long)
         return PagedRows(self, table.to(self.device))
 
-    def _write(self, layer: int, slots: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor) -> None:
-        if self.format == "fp8":
-            c_kv, self.c_scale[layer][slots] = quantize_tiles(c_kv)
-        self.c_kv[layer][slots] = c_kv.to(self.c_kv.dtype)
-        self.k_pe[layer][slots] = k_pe.to(self.k_pe.dtype)
-
-    def _read(self, layer: int, slots: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        c_kv = self.c_kv[layer][slots]  # [B, S, c]
-        if self.format == "fp8":
-            c_kv = dequantize_tiles(c_kv, self.c_scale[layer][slots], dtype)
-        return c_kv.to(dtype), self.k_pe[layer][slots].to(dtype)
-
-    def _read_range(self, layer: int, lo: int, hi: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Slots lo..hi-1 as one row, [1, hi - lo, n]: views when no conversion is needed."""
-        c_kv = self.c_kv[layer][lo:hi]
-        if self.format == "fp8":
-            c_kv = dequantize_tiles(c_kv, self.c_scale[layer][lo:hi], dtype)
-        return c_kv.to(dtype)[None], self.k_pe[layer][lo:hi].to(dtype)[None]
-
     def nbytes_per_token(self) -> int:
         return bytes_per_token(self.cfg, self.format, self.n_layers)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(getattr(self, name).nbytes for name in self.layout)
 
 
 class PagedRows:
@@ -241,18 +246,26 @@ class PagedRows:
                 self.first, self.held = int(held[0]) * cache.block_size, held.numel() * cache.block_size
 
     def update(self, layer, positions, c_kv, k_pe):
+        return self._update(layer, positions, c_kv=c_kv, k_pe=k_pe)
+
+    def update_index(self, layer, positions, k_index):
+        return self._update(layer, positions, k_index=k_index)[0]
+
+    def _update(self, layer, positions, **fields):
         size = self.cache.block_size
         last, held = int(positions.max()), self.table.shape[1] * size
         if last >= held:
             raise ValueError(f"position {last} is past the {held} slots of this batch's block tables")
         slots = self.table.gather(1, positions // size) * size + positions % size  # [B, T]
-        self.cache._write(layer, slots, c_kv, k_pe)
-        if self.first is not None and last < self.held:
-            return self.cache._read_range(layer, self.first, self.first + last + 1, c_kv.dtype)
+        self.cache._store(layer, slots, **fields)
+        dtype = next(iter(fields.values())).dtype
+        if self.first is not None and last < self.held:  # slots lo..hi-1 as one row [1, S, n]: views
+            return tuple(t[None] for t in self.cache._load(layer, slice(self.first, self.first + last + 1), dtype,
+                                                           *fields))
         blocks = last // size + 1
         offsets = torch.arange(size, device=self.table.device)
         read = (self.table[:, :blocks, None] * size + offsets).flatten(1)[:, : last + 1]  # [B, S]
-        return self.cache._read(layer, read, c_kv.dtype)
+        return self.cache._load(layer, read, dtype, *fields)
 
 
 def new_cache(

@@ -68,3 +68,11 @@ def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     multiply (a + ib)(cos + i sin), in fp32."""
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())  # [B, T, H, rope/2]
     return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
+
+
+def apply_rope_halves(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, T, H, rope] in the half-split layout: dimension j pairs with j + rope/2 (the layout of the
+    V3.2 indexer's keys and queries, unlike MLA's interleaved pairs). Same rotation [B, T, 1, rope/2], fp32."""
+    x1, x2 = x.float().chunk(2, dim=-1)  # [B, T, H, rope/2] each
+    rotated = torch.complex(x1, x2) * rotation
+    return torch.cat([rotated.real, rotated.imag], dim=-1).type_as(x)

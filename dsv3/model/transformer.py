@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from dsv3.config import ModelConfig
-from dsv3.model.attention import MLA, AttentionContext, check_attn_impl
+from dsv3.model.attention import MLA, AttentionContext, IndexerProbe, check_attn_impl
 from dsv3.model.cache import LatentCache
 from dsv3.model.moe import MLP, GroupedExperts, MoE, Routing, check_experts_impl
 from dsv3.model.norm import RMSNorm
@@ -70,6 +70,7 @@ class Output:
     routing: list[Routing] = field(default_factory=list)  # one per MoE layer of the main model
     mtp_logits: list[torch.Tensor] = field(default_factory=list)  # depth k: [B, T-k, V], predicts t_{i+k+1}
     mtp_routing: list[Routing] = field(default_factory=list)  # one per MTP module
+    indexer: list[IndexerProbe] = field(default_factory=list)  # sparse attention, when probed: one per layer run
 
 
 class DeepSeekV3(nn.Module):
@@ -109,7 +110,8 @@ class DeepSeekV3(nn.Module):
     @torch.no_grad()
     def init_weights(self, std: float = 0.006, seed: int | None = None) -> None:
         """Initialise in place (DeepSeek-V3's recipe): every projection, expert, router and embedding weight
-        ~ N(0, std); every RMSNorm weight = 1; router biases = 0. Works after `to_empty()` from the meta device.
+        ~ N(0, std); every norm weight = 1 (and the indexer's LayerNorm bias = 0); router biases = 0. Works
+        after `to_empty()` from the meta device.
 
         With `seed`, each parameter draws from its own generator, seeded by `seed` and the parameter's name: its
         values then depend on nothing else, so a model built in parts (pipeline stages, each on its own
@@ -118,6 +120,8 @@ class DeepSeekV3(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
+            elif name.endswith("norm.bias"):
+                p.zero_()
             elif seed is None:
                 p.normal_(0.0, std)
             else:
@@ -141,6 +145,8 @@ class DeepSeekV3(nn.Module):
         mtp: bool = False,
         attn: str | None = None,
         logits_at: torch.Tensor | None = None,
+        sparse: bool = True,
+        probe_indexer: bool = False,
     ) -> Output:
         """One forward pass returning everything the caller may need.
 
@@ -149,19 +155,22 @@ class DeepSeekV3(nn.Module):
         modules run over the same pass (training): module k reads the hidden states of positions 0..T-k-1 and
         the embeddings of tokens k..T-1. `attn` picks the attention form for this call. `logits_at` [B, K]
         computes the main head at those columns only ([B, K, V]; decoding wants one column of a long prompt).
+        Sparse attention (V3.2) only: `sparse=False` attends densely though the indexers run; `probe_indexer`
+        fills `Output.indexer` with what training the indexers needs (their inputs then detached).
         """
         B, T = input_ids.shape
         attn = self.attn_impl if attn is None else check_attn_impl(attn)
         if positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
-        ctx = AttentionContext.build(positions, self.rope(positions), cache is not None)
+        probes: list[IndexerProbe] | None = [] if probe_indexer else None
+        ctx = AttentionContext.build(positions, self.rope(positions), cache is not None, sparse=sparse, probes=probes)
         h = self.embed(input_ids)  # [B, T, d]
         routing = []
         for layer in self.layers:
             h, r = layer(h, ctx, cache, attn)
             if r is not None:
                 routing.append(r)
-        out = Output(logits=self._head(self.norm, h, logits_at), hidden=h, routing=routing)
+        out = Output(logits=self._head(self.norm, h, logits_at), hidden=h, routing=routing, indexer=probes or [])
         if mtp:
             h_prev = h
             for k, module in enumerate(self.mtp, start=1):
