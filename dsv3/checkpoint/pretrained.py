@@ -110,18 +110,22 @@ def load_pretrained(
     return model
 
 
-def load_into(model: DeepSeekV3, path: str | os.PathLike, *, subset: bool = False) -> None:
+def load_into(model: DeepSeekV3, path: str | os.PathLike, *, subset: bool = False,
+              keep: Callable[[str], bool] | None = None) -> None:
     """Fill an existing model's parameters and buffers (in their own dtypes) from the Hugging Face model
     directory `path`, whose config must be the model's. `subset`: the model holds only part of the checkpoint (a
     pipeline rank's blocks, or no MTP module), and the checkpoint's tensors with no place in it are passed over;
-    every tensor of the model must still be there."""
-    _fill_all(CheckpointReader(path), model.state_dict(keep_vars=True), model.config, path, subset=subset)
+    every tensor of the model must still be there, except those whose keys `keep` accepts, which keep their
+    values when the checkpoint lacks them (a dense model's missing indexers, for sparse-attention training)."""
+    _fill_all(CheckpointReader(path), model.state_dict(keep_vars=True), model.config, path, subset=subset, keep=keep)
 
 
 def _fill_all(reader: CheckpointReader, state: dict[str, torch.Tensor], cfg: ModelConfig, path, *,
-              subset: bool = False, splits: Splits | None = None) -> None:
+              subset: bool = False, splits: Splits | None = None, keep: Callable[[str], bool] | None = None) -> None:
     with torch.no_grad():
         filled = _fill(reader, state, cfg, path, subset=subset, splits=splits or {})
+    if keep is not None:
+        state = {k: v for k, v in state.items() if not keep(k)}
     _check_complete(state, filled, cfg, path, splits or {})
 
 

@@ -15,7 +15,10 @@ import os
 
 from dsv3.commands.recipe import CLI_ONLY, S, add_recipe_arguments, add_run_directory_arguments, recipe_config
 from dsv3.config import PRESETS
+from dsv3.errors import Dsv3Error
+from dsv3.tokenizer import TOKENIZER_FILE
 from dsv3.train.config import TrainConfig
+from dsv3.train.dsa import STAGES as DSA_STAGES
 
 HELP = "pre-train a model (DeepSeek-V3's recipe: aux-loss-free balancing, MTP); no arguments: the quick start"
 
@@ -23,6 +26,7 @@ HELP = "pre-train a model (DeepSeek-V3's recipe: aux-loss-free balancing, MTP); 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = TrainConfig()
     _model_and_data(parser.add_argument_group("model and data"), d)
+    _sparse_attention(parser.add_argument_group("sparse attention (DeepSeek-V3.2's DSA, from a dense model)"))
     add_recipe_arguments(parser, d, "optimizer (AdamW 0.9/0.95, DeepSeek-V3's schedule shape)")
 
 
@@ -46,9 +50,31 @@ def _model_and_data(model, d: TrainConfig) -> None:
     add_run_directory_arguments(model)
 
 
+def _sparse_attention(dsa) -> None:
+    dsa.add_argument("--init-from", metavar="MODEL_DIR", default=S,
+                     help="start from this model's weights (a run directory or Hugging Face folder); its config.json "
+                          "is the model and its tokenizer.json the tokenizer")
+    dsa.add_argument("--dsa-stage", choices=DSA_STAGES, default=S,
+                     help="warmup: train only the lightning indexers towards dense attention (KL), the rest frozen; "
+                          "sparse: top-k attention, the whole model on the LM loss and the indexers on their KL")
+    dsa.add_argument("--index-topk", type=int, metavar="K", default=S,
+                     help="keys each query keeps (a dense model's new indexers: default a quarter of --seq-len)")
+    dsa.add_argument("--index-n-heads", type=int, metavar="J", default=S,
+                     help="a dense model's new indexers: heads (default: half the attention heads)")
+    dsa.add_argument("--index-head-dim", type=int, metavar="D", default=S,
+                     help="a dense model's new indexers: head width (default: 2/3 of the query-key head width)")
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """TrainConfig from the flags given; with --resume, on top of the run's saved train_config.json."""
     given = {k: v for k, v in vars(args).items() if k not in CLI_ONLY}
+    if "init_from" in given:  # the model and its tokenizer come with the weights
+        if "model_config" in given or "preset" in given:
+            raise Dsv3Error("--init-from brings its own config.json; leave out --preset and --config")
+        given["model_config"] = given["init_from"]
+        tokenizer = os.path.join(given["init_from"], TOKENIZER_FILE)
+        if "tokenizer" not in given and os.path.isfile(tokenizer):
+            given["tokenizer"] = tokenizer
     if "data" in given:
         given["data"] = list(given["data"])
     if "out" not in given:

@@ -22,6 +22,8 @@ from dsv3.config import PRESETS, ModelConfig, preset
 from dsv3.errors import Dsv3Error, InvalidValue
 from dsv3.parallel.dist import world_size
 from dsv3.parallel.layout import PP_SCHEDULES, Layout
+from dsv3.train.dsa import STAGES as DSA_STAGES
+from dsv3.train.dsa import dsa_model_config
 from dsv3.train.fp8 import Fp8Recipe
 
 DTYPES = ("bf16", "fp32", "fp8")
@@ -55,6 +57,13 @@ class TrainConfig:
     time_budget: float = 8.0
     # where the weights start: a fresh initialisation, or a Hugging Face model directory (fine-tuning)
     init_from: str | None = None
+    # sparse attention (V3.2, dsv3.train.dsa): "warmup" trains only the indexers against dense attention,
+    # "sparse" the whole model with top-k attention; a dense model gains fresh indexers of these sizes
+    # (None: V3.2's proportions, and a quarter of seq_len kept)
+    dsa_stage: str | None = None
+    index_n_heads: int | None = None
+    index_head_dim: int | None = None
+    index_topk: int | None = None
     # optimizer and schedule: "pretrain" is DeepSeek-V3's shape (warm-up, constant, cosine, two tails), "cosine"
     # warm-up then one cosine decay to lr * min_lr_ratio (fine-tuning)
     schedule: str = "pretrain"
@@ -153,11 +162,21 @@ class TrainConfig:
             need((v is None and name == "dp_shard") or (isinstance(v, int) and not isinstance(v, bool) and v > 0),
                  name, "must be a positive integer")
         need(self.pp_schedule in PP_SCHEDULES, "pp_schedule", f"is not one of {', '.join(PP_SCHEDULES)}")
+        need(self.dsa_stage in (None, *DSA_STAGES), "dsa_stage", f"is not one of {', '.join(DSA_STAGES)}")
+        need(self.dsa_stage is None or self.pp == 1, "dsa_stage", "does not run with pipeline parallelism; use --pp 1")
+        for name in ("index_n_heads", "index_head_dim", "index_topk"):
+            v = getattr(self, name)
+            need(v is None or (isinstance(v, int) and not isinstance(v, bool) and v > 0), name,
+                 "must be a positive integer")
+            need(v is None or self.dsa_stage is not None, name, "only applies with --dsa-stage")
 
     # ----- derived ------------------------------------------------------------------------------------
     def model(self) -> ModelConfig:
-        """The model config this run trains: the preset or config.json, without MTP modules when MTP is off."""
+        """The model config this run trains: the preset or config.json, without MTP modules when MTP is off, with
+        sparse attention for a DSA stage."""
         cfg = ModelConfig.from_hf(self.model_config) if self.model_config else preset(self.preset)
+        if self.dsa_stage is not None:
+            cfg = dsa_model_config(cfg, self.seq_len, self.index_n_heads, self.index_head_dim, self.index_topk)
         if not self.mtp:
             cfg = cfg.replace(num_nextn_predict_layers=0)
         if cfg.max_position_embeddings < self.seq_len:

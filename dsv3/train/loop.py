@@ -30,6 +30,7 @@ from dsv3.plan import training_bytes_per_rank
 from dsv3.train.balance import max_vio, relative_loads
 from dsv3.train.budget import TimeBudget
 from dsv3.train.config import TrainConfig
+from dsv3.train.dsa import freeze_all_but_indexers, is_indexer
 from dsv3.train.evaluate import evaluate
 from dsv3.train.fp8 import apply_fp8
 from dsv3.train.losses import mtp_lambda
@@ -121,7 +122,10 @@ class Trainer:
     def _convert(self, model) -> None:
         """Before the parallelisms: the starting weights of a fine-tuning run, then FP8's module switch."""
         if self.cfg.init_from and not self.cfg.resume:
-            load_into(model, self.cfg.init_from, subset=self.d.layout.pp > 1 or not self.cfg.mtp)
+            fresh = is_indexer if self.cfg.dsa_stage else None  # a dense model gains new indexers
+            load_into(model, self.cfg.init_from, subset=self.d.layout.pp > 1 or not self.cfg.mtp, keep=fresh)
+        if self.cfg.dsa_stage == "warmup":
+            freeze_all_but_indexers(model)
         if self.cfg.dtype == "fp8":
             apply_fp8(model, self.cfg.fp8_recipe)
 
@@ -264,6 +268,8 @@ class Trainer:
         progress = self.step / self.max_steps
         logged = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == self.max_steps
         gamma = cfg.bias_gamma if cfg.balance == "aux-free" and progress < cfg.bias_freeze else 0.0
+        if cfg.dsa_stage == "warmup":
+            gamma = 0.0  # the routers are frozen with the rest of the model
         try:
             stats = self.train_step(self.batches, lr=lr_at(self.step, self.max_steps, cfg),
                                     mtp_lambda=mtp_lambda(progress, cfg), bias_gamma=gamma, accuracy=logged)
@@ -294,6 +300,8 @@ class Trainer:
             biases = self.train_step.biases()
             if biases is not None:
                 record["bias"] = [[round(v, 5) for v in row] for row in biases]
+        if self.cfg.dsa_stage:
+            record["indexer_kl"] = stats.indexer_kl
         if stats.ep_max_ranks:  # expert parallelism: how far tokens travelled, and the bytes on the wire
             record.update(ep_max_ranks=stats.ep_max_ranks, ep_sent_bytes=stats.ep_sent_bytes)
         return record

@@ -1,5 +1,6 @@
-"""The training objective: next-token cross-entropy, the MTP losses (DeepSeek-V3 section 2.2) and the
-balance losses, combined into one scalar; plus the statistics logged beside it.
+"""The training objective: next-token cross-entropy, the MTP losses (DeepSeek-V3 section 2.2), the
+balance losses and, when training sparse attention, the indexers' KL loss (`dsv3.train.dsa`), combined
+into one scalar; plus the statistics logged beside it.
 
 With labels = inputs shifted by one ([B, T], labels[:, i] = t_{i+1}), MTP depth k's logits [B, T-k, V]
 at position i predict t_{i+k+1}, so their targets are labels[:, k:].
@@ -17,6 +18,7 @@ from dsv3.model import Output
 from dsv3.model.moe import Routing
 from dsv3.train.balance import aux_balance_loss, sequence_balance_loss
 from dsv3.train.config import TrainConfig
+from dsv3.train.dsa import indexer_kl
 
 
 def mtp_lambda(progress: float, cfg: TrainConfig) -> float:
@@ -49,6 +51,7 @@ class Losses:
     mtp: list[torch.Tensor] = field(default_factory=list)  # per MTP depth k
     balance: torch.Tensor | None = None  # alpha * balance loss, summed over routers (None when off)
     mtp_acc: torch.Tensor | None = None  # depth 1: share of positions whose argmax is the next-next token
+    indexer_kl: torch.Tensor | None = None  # sparse-attention training: the indexers' KL to main attention
 
 
 def compute_losses(out: Output, labels: torch.Tensor, cfg: TrainConfig, lam: float, accuracy: bool = True) -> Losses:
@@ -62,10 +65,13 @@ def compute_losses(out: Output, labels: torch.Tensor, cfg: TrainConfig, lam: flo
     balance = balance_loss(out.routing + out.mtp_routing, labels.shape[0], cfg)
     if balance is not None:
         total = total + balance
+    kl = indexer_kl(out.indexer) if out.indexer else None
+    if kl is not None:  # the warm-up trains the indexers alone (the rest is frozen): their loss is the objective
+        total = kl if cfg.dsa_stage == "warmup" else total + kl
     acc = None
     if out.mtp_logits and accuracy:
         with torch.no_grad():
             target = labels[:, 1:]
             hits = (out.mtp_logits[0].argmax(-1) == target) & (target != IGNORE)
             acc = hits.sum() / (target != IGNORE).sum().clamp(min=1)
-    return Losses(total=total, main=main, mtp=mtp, balance=balance, mtp_acc=acc)
+    return Losses(total=total, main=main, mtp=mtp, balance=balance, mtp_acc=acc, indexer_kl=kl)

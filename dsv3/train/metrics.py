@@ -89,6 +89,8 @@ def train_line(r: dict[str, Any]) -> str:
     if r.get("mtp_loss") is not None:
         acc = f" (acc {r['mtp_acc']:.1%})" if r.get("mtp_acc") is not None else ""
         parts.append(f"mtp {r['mtp_loss']:.4f}{acc}")
+    if r.get("indexer_kl") is not None:
+        parts.append(f"indexer KL {r['indexer_kl']:.4f}")
     parts += [f"lr {r['lr']:.2e}", f"gnorm {r['grad_norm']:.2f}", f"{r['tokens_per_s']:,.0f} tok/s",
               f"MFU {r['mfu']:.1%}"]
     if r.get("maxvio") is not None:

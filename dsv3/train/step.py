@@ -31,6 +31,7 @@ from dsv3.parallel.fsdp import reduce_expert_grads
 from dsv3.parallel.pipeline import Pipeline
 from dsv3.train.balance import routers, update_biases
 from dsv3.train.config import TrainConfig
+from dsv3.train.dsa import run_options
 from dsv3.train.losses import Losses, balance_loss, compute_losses
 
 
@@ -55,6 +56,7 @@ class StepStats:
     loads: torch.Tensor | None  # [routers, E] tokens per expert over the whole step; None without MoE layers
     ep_max_ranks: int = 0  # expert parallelism: the most ranks one token's experts were on
     ep_sent_bytes: int = 0  # and the bytes of token rows all ranks sent to other ranks (forward dispatch + combine)
+    indexer_kl: float = 0.0  # sparse-attention training: the indexers' KL loss
 
 
 class TrainStep:
@@ -101,12 +103,12 @@ class TrainStep:
         if self.pipeline is not None:
             return self._accumulate_pipeline(batches, mtp_lambda, accuracy)
         cfg, n = self.cfg, self.cfg.grad_accum
-        sums = dict.fromkeys(("loss", "mtp_loss", "mtp_acc", "balance_loss"), 0.0)
+        sums = dict.fromkeys(("loss", "mtp_loss", "mtp_acc", "balance_loss", "indexer_kl"), 0.0)
         loads = None
         for _ in range(n):
             x, y = (t.to(self.device) for t in next(batches))
             with self.autocast():
-                out = self.model.run(x, mtp=bool(self.model.mtp))
+                out = self.model.run(x, mtp=bool(self.model.mtp), **run_options(cfg.dsa_stage))
             losses = compute_losses(out, y, cfg, mtp_lambda, accuracy=accuracy)
             _check_finite(losses.total, "the loss")
             (losses.total / n).backward()
@@ -217,6 +219,8 @@ def _add(sums: dict[str, float], losses: Losses, weight: float) -> None:
         sums["mtp_acc"] += losses.mtp_acc.item() * weight
     if losses.balance is not None:
         sums["balance_loss"] += losses.balance.item() * weight
+    if losses.indexer_kl is not None:
+        sums["indexer_kl"] += losses.indexer_kl.item() * weight
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
