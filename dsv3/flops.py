@@ -20,6 +20,11 @@ Conventions, the same for every function here:
   forward (inference) totals, where the modules are usually dropped.
 - MoE layers count the routed experts a token actually uses (num_experts_per_tok of them), the
   shared experts and the router's [d, E] scoring matmul; tokens are never dropped.
+- Sparse attention (V3.2): the lightning indexer's projections count as attention projections; its
+  scoring q . k (index_n_heads x index_head_dim against every earlier key) is `index_core`; the
+  attention core sees at most index_topk keys per query: averaged over a causal sequence of T > K tokens,
+  K - K^2 / 2T keys, so it stops growing with T while the indexer's core keeps growing (at 2 J D per key
+  against MLA's 2 H (qk + v): 16,384 against 81,920 at V3.2's sizes).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ class FlopsBreakdown:
 
     attn_proj: float = 0.0  # query, key/value (latent down + up) and output projections
     attn_core: float = 0.0  # q k^T and p v
+    index_core: float = 0.0  # sparse attention: the indexer's q . k over every earlier key
     dense_mlp: float = 0.0  # SwiGLU of the first_k_dense_replace dense layers
     routed_experts: float = 0.0  # the num_experts_per_tok routed experts each token is sent to
     shared_experts: float = 0.0
@@ -59,15 +65,25 @@ class FlopsBreakdown:
         return FlopsBreakdown(**{k: v + getattr(other, k) for k, v in self.as_dict().items()})
 
 
-def attention_keys(seq_len: int, causal: bool = True) -> float:
-    """Keys each query attends to, on average over a sequence of seq_len tokens."""
+def attention_keys(seq_len: int, causal: bool = True, topk: int | None = None) -> float:
+    """Keys each query attends to, on average over a sequence of seq_len tokens; at most `topk` each."""
+    if topk is not None and topk < seq_len:
+        return topk - topk * topk / (2 * seq_len) if causal else float(topk)
     return seq_len / 2 if causal else float(seq_len)
 
 
 def mla_core_flops(cfg: ModelConfig, seq_len: int, causal: bool = True) -> float:
-    """Forward FLOPs per token of one MLA's q k^T (qk_head_dim wide) and p v (v_head_dim wide)."""
-    keys = attention_keys(seq_len, causal)
+    """Forward FLOPs per token of one MLA's q k^T (qk_head_dim wide) and p v (v_head_dim wide), over the
+    index_topk selected keys with sparse attention."""
+    keys = attention_keys(seq_len, causal, cfg.index_topk if cfg.uses_dsa else None)
     return 2.0 * cfg.num_attention_heads * keys * (cfg.qk_head_dim + cfg.v_head_dim)
+
+
+def index_core_flops(cfg: ModelConfig, seq_len: int, causal: bool = True) -> float:
+    """Forward FLOPs per token of one lightning indexer's scores (0 without sparse attention)."""
+    if not cfg.uses_dsa:
+        return 0.0
+    return 2.0 * cfg.index_n_heads * cfg.index_head_dim * attention_keys(seq_len, causal)
 
 
 # which component of the breakdown each inventory group's matmuls count toward (main model)
@@ -81,7 +97,7 @@ def mtp_module_flops(cfg: ModelConfig, seq_len: int, causal: bool = True, k: int
     entries = inventory(cfg)
     head = sum(e.forward_flops(cfg) for e in entries if e.group == "head")
     own = sum(e.forward_flops(cfg) for e in entries if e.mtp == k)
-    return own + mla_core_flops(cfg, seq_len, causal) + head
+    return own + mla_core_flops(cfg, seq_len, causal) + index_core_flops(cfg, seq_len, causal) + head
 
 
 def flops_per_token(
@@ -100,7 +116,9 @@ def flops_per_token(
     for e in inventory(cfg, mtp=False):
         if e.group in _COMPONENT:
             parts[_COMPONENT[e.group]] += e.forward_flops(cfg)
-    out = FlopsBreakdown(**parts, attn_core=cfg.num_hidden_layers * mla_core_flops(cfg, seq_len, causal))
+    L = cfg.num_hidden_layers
+    out = FlopsBreakdown(**parts, attn_core=L * mla_core_flops(cfg, seq_len, causal),
+                         index_core=L * index_core_flops(cfg, seq_len, causal))
     if mtp is None:
         mtp = training and cfg.num_nextn_predict_layers > 0
     if mtp:

@@ -201,3 +201,15 @@ def test_engine_greedy_tokens_equal_full_forwards_with_paged_cache_and_speculati
                         draft_policy="always")
         got = [s.tokens for s in engine.generate(prompts, SamplingParams(max_new_tokens=12))]
         assert got == want, f"speculative={speculative}"
+
+
+def test_flops_of_sparse_attention_stop_growing_in_the_core_but_not_in_the_indexer():
+    from dsv3.flops import flops_per_token
+
+    T, K = 131072, 2048
+    v3, v32 = flops_per_token(preset("v3"), T), flops_per_token(preset("v3.2"), T)
+    assert v32.attn_core == 61 * 2 * 128 * (K - K * K / (2 * T)) * (192 + 128)  # each query: min(t, K) keys
+    assert v32.index_core == 61 * 2 * 64 * 128 * T / 2 and v3.index_core == 0
+    assert v3.attn_core / v32.attn_core > 30
+    short = flops_per_token(preset("v3.2"), 1024)  # shorter than K: attention is dense
+    assert short.attn_core == flops_per_token(preset("v3"), 1024).attn_core

@@ -129,7 +129,11 @@ class MLA(nn.Module):
             c_kv, k_pe = cache.update(self.layer_idx, ctx.positions, c_kv, k_pe)  # [B, S, c], [B, S, r]
         mask, selected = ctx.mask, None
         if self.indexer is not None:
-            mask, selected, scores = self._select(x, q_c, ctx, cache, c_kv.shape[1])
+            selected, scores = self._select(x, q_c, ctx, cache, c_kv.shape[1])
+            if selected is not None and (impl != "absorb" or ctx.probes is not None):
+                # the naive form (and the probe) masks what the selection dropped; the absorbed one gathers
+                dropped = torch.full_like(scores, float("-inf")).scatter_(-1, selected[0], 0.0)  # [B, T, S]
+                mask, scores = ctx.causal_mask(T, x.device) + dropped, scores + dropped
             if ctx.probes is not None:
                 full = ctx.causal_mask(T, x.device) if mask is None else mask
                 target = self._attention_distribution(q_nope, q_pe, c_kv, k_pe, full)
@@ -143,11 +147,10 @@ class MLA(nn.Module):
     def _select(self, x, q_c, ctx: AttentionContext, cache, S: int):
         """Sparse attention: cache the index keys, score every visible key, keep the top K per query.
 
-        Returns the mask attention applies ([B or 1, T, S]: the causal mask, -inf off the selection too when
-        it drops keys; None, as ctx.mask, for tokens attending causally among themselves), the selection for
-        the absorbed form ((indices, visible), each [B, T, K]; None when nothing is dropped) and the index
-        scores [B, T, S] under that mask (None when no scoring was needed: S <= K and no probe). While
-        probing, the indexer's inputs are detached: it is trained by its own loss only."""
+        Returns the selection ((indices, visible), each [B, T, K]; None when nothing is dropped: S <= K, or
+        dense attention was asked for) and the index scores [B, T, S] under the causal mask (None when no
+        scoring was needed: nothing dropped and no probe). While probing, the indexer's inputs are detached:
+        it is trained by its own loss only."""
         if ctx.probes is not None:
             x, q_c = x.detach(), q_c.detach()
         k_index = self.indexer.key(x, ctx.rotation)  # [B, T, D]
@@ -155,14 +158,9 @@ class MLA(nn.Module):
             k_index = cache.update_index(self.layer_idx, ctx.positions, k_index)  # [B, S, D]
         drops = ctx.sparse and self.indexer.topk < S  # else every visible key is among the top K
         if not drops and ctx.probes is None:
-            return ctx.mask, None, None
-        causal = ctx.causal_mask(x.shape[1], x.device)
-        scores = self.indexer.scores(x, q_c, ctx.rotation, k_index, causal)  # [B, T, S]
-        if not drops:
-            return ctx.mask, None, scores
-        idx, visible = self.indexer.select(scores)  # [B, T, K]
-        sparse = torch.full_like(scores, float("-inf")).scatter_(-1, idx, 0.0)
-        return causal + sparse, (idx, visible), scores + sparse
+            return None, None
+        scores = self.indexer.scores(x, q_c, ctx.rotation, k_index, ctx.causal_mask(x.shape[1], x.device))
+        return (self.indexer.select(scores) if drops else None), scores
 
     @torch.no_grad()
     def _attention_distribution(self, q_nope, q_pe, c_kv, k_pe, mask) -> torch.Tensor:
