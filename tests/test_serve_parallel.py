@@ -42,19 +42,29 @@ def dsv3(*args: str, stdin: str | None = None) -> str:
     return run.stdout
 
 
-@pytest.fixture(scope="module")
-def small_dir(tmp_path_factory):
+def _random_model_dir(tmp_path_factory, name: str) -> str:
     torch.manual_seed(0)
-    model = DeepSeekV3(preset("small"))
+    model = DeepSeekV3(preset(name))
     model.init_weights(std=0.05)  # larger than training's, so that logits are far from uniform
-    directory = tmp_path_factory.mktemp("small")
+    directory = tmp_path_factory.mktemp(name)
     save_pretrained(model, str(directory))
     return str(directory)
 
 
-@pytest.mark.parametrize("which", ["tiny", "small"])
-def test_two_ranks_compute_the_logits_of_one_process(which, small_dir, tmp_path, figures):
-    directory = trained_tiny()[2] if which == "tiny" else small_dir
+@pytest.fixture(scope="module")
+def small_dir(tmp_path_factory):
+    return _random_model_dir(tmp_path_factory, "small")
+
+
+@pytest.fixture(scope="module")
+def dsa_dir(tmp_path_factory):
+    """Sparse attention keeping 8 keys: the 24-token sequences below are sparse (each rank runs every indexer)."""
+    return _random_model_dir(tmp_path_factory, "tiny-dsa")
+
+
+@pytest.mark.parametrize("which", ["tiny", "small", "tiny-dsa"])
+def test_two_ranks_compute_the_logits_of_one_process(which, small_dir, dsa_dir, tmp_path, figures):
+    directory = {"tiny": trained_tiny()[2], "small": small_dir, "tiny-dsa": dsa_dir}[which]
     out = tmp_path / "split.json"
     torchrun(os.path.join(HERE, "parallel_infer_check.py"), directory, str(out))
     split = json.loads(out.read_text())
