@@ -6,10 +6,10 @@ the precision of its own group only:
 - blocks: 128 x 128 values of a weight matrix, one scale per block (the released checkpoint's format).
 Each scale is amax / 448, so the group's largest value lands on e4m3's largest finite number; with the
 "ue8m0" format (DeepSeek-V3.1's) it is that rounded up to a power of two, which a GEMM applies exactly
-and which never overflows. A last tile or block narrower than 128 (a dimension that is not a multiple of
-128) gets a scale of its own. Values are recovered by multiplying by the scale; DeepSeek stores that
-factor as `weight_scale_inv`. Training quantises and dequantises at once (`fake_quant_*`): the values an
-FP8 GEMM multiplies, in fp32.
+and which never overflows (DeepSeek's kernel.py: `s = 2^ceil(log2(amax / 448))`). A last tile or block
+narrower than 128 (a dimension that is not a multiple of 128) gets a scale of its own. Values are recovered
+by multiplying by the scale; DeepSeek stores that factor as `weight_scale_inv`. Training quantises and
+dequantises at once (`fake_quant_*`): the values an FP8 GEMM multiplies, in fp32.
 """
 
 from __future__ import annotations
@@ -72,7 +72,24 @@ def quantize_blocks(w: torch.Tensor, block: int = BLOCK, scale_format: str = "fp
     tiles = padded.view(*lead, rb, block, cb, block)  # [..., rb, b, cb, b]
     scale = _scale(tiles.abs().amax(dim=(-3, -1)), scale_format)  # [..., rb, cb]
     q = (tiles / scale[..., :, None, :, None]).to(torch.float8_e4m3fn)  # the cast saturates at +-448
+    if scale_format == "ue8m0":
+        q, scale = _smallest_power_of_two(q, scale)
     return q.view(*lead, rb * block, cb * block)[..., :out_dim, :in_dim].contiguous(), scale
+
+
+def _smallest_power_of_two(q: torch.Tensor, scale: torch.Tensor) -> Quantized:
+    """Blocks q [..., rb, b, cb, b] with power-of-two scales [..., rb, cb], rewritten at the smallest power of two
+    that still holds their values (the same values, other bytes).
+
+    Rounding to e4m3 can leave a block's largest code at 224 (amax / scale in (224, 232) rounds down), and its
+    values then also fit half the scale with every code doubled, exactly. Quantising those values again, as a
+    load and an FP8 save do, picks the half scale, so without this step 1 block in ~20 would come back with
+    other bytes; with it, quantising what a ue8m0 checkpoint holds gives its bytes back."""
+    top = q.float().abs().amax(dim=(-3, -1))  # [..., rb, cb], largest code: 0 or in [2^-9, 448]
+    fitted = (scale * torch.exp2(torch.ceil(torch.log2(top / E4M3_MAX)))).clamp(min=_TINY)  # <= scale
+    fitted = torch.where(top > 0, fitted, scale)  # an all-zero block keeps its scale
+    factor = (scale / fitted)[..., :, None, :, None]  # a power of two >= 1: codes scale up exactly
+    return (q.float() * factor).to(torch.float8_e4m3fn), fitted
 
 
 def quantize_tensor(x: torch.Tensor, scale_format: str = "fp32") -> Quantized:

@@ -11,8 +11,8 @@ import torch
 from dsv3.checkpoint import names
 from dsv3.checkpoint.files import CheckpointReader, nbytes, plan_shards, write_shards
 from dsv3.config import ModelConfig
-from dsv3.errors import CheckpointError
-from dsv3.fp8 import BLOCK, dequantize_blocks, fp8_nbytes, quantize_blocks
+from dsv3.errors import CheckpointError, InvalidValue
+from dsv3.fp8 import BLOCK, SCALE_FORMATS, dequantize_blocks, fp8_nbytes, quantize_blocks
 from dsv3.hardware import check_memory
 from dsv3.model import DeepSeekV3
 
@@ -21,6 +21,27 @@ SCALE_SUFFIX = "_scale_inv"  # X.weight -> X.weight_scale_inv
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def scale_fmt_of(cfg: ModelConfig) -> str:
+    """The FP8 scale format a config.json names: "ue8m0" when its quantization_config says `scale_fmt: ue8m0`
+    (DeepSeek-V3.1 and later: every block scale a power of two), else "fp32" (V3: any fp32 scale). Either way
+    the scales are stored as fp32 `weight_scale_inv` tensors and loading multiplies by them."""
+    qc = cfg.extra.get("quantization_config")
+    return "ue8m0" if isinstance(qc, dict) and qc.get("scale_fmt") == "ue8m0" else "fp32"
+
+
+def resolve_scale_fmt(scale_fmt: str | None, cfg: ModelConfig, fp8: bool) -> str:
+    """The scale format an FP8 write uses: `scale_fmt` if given, else the one the config came with, so a V3.1
+    checkpoint is written back with power-of-two scales. Raises InvalidValue for an unknown format or one given
+    for a write that is not FP8."""
+    if scale_fmt is None:
+        return scale_fmt_of(cfg)
+    if scale_fmt not in SCALE_FORMATS:
+        raise InvalidValue("scale_fmt", scale_fmt, f"is not one of {', '.join(SCALE_FORMATS)}")
+    if not fp8:
+        raise InvalidValue("scale_fmt", scale_fmt, "applies only when writing FP8 weights")
+    return scale_fmt
 
 
 def _mtp_layers_present(reader: CheckpointReader, cfg: ModelConfig) -> set[int]:
@@ -226,6 +247,7 @@ def save_pretrained(
     max_shard_size: int | str = "5GB",
     dtype: torch.dtype | str | None = None,
     fp8: bool = False,
+    scale_fmt: str | None = None,
 ) -> None:
     """Write `model` as a Hugging Face checkpoint that transformers' AutoModelForCausalLM loads.
 
@@ -233,12 +255,14 @@ def save_pretrained(
     embedding and head), sharded with an index above `max_shard_size`. With fp8, the release's layout: the
     tensors it quantises as float8_e4m3fn with 128x128 block scales, the rest in bf16 (unless `dtype` says
     otherwise), the router bias in fp32, an index even for one file, and the release's quantization_config
-    in config.json. Every file is written under a temporary name and renamed.
+    in config.json. `scale_fmt` (fp8 only): "fp32" (V3's scales, amax / 448) or "ue8m0" (V3.1's: powers of
+    two, `"scale_fmt": "ue8m0"` in config.json); default: the format the model's config came with. Every file
+    is written under a temporary name and renamed.
     """
     state = model.state_dict()
     shapes = {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
     write_pretrained(path, model.config, shapes, state.__getitem__, max_shard_size=max_shard_size, dtype=dtype,
-                     fp8=fp8)
+                     fp8=fp8, scale_fmt=scale_fmt)
 
 
 def write_pretrained(
@@ -250,10 +274,12 @@ def write_pretrained(
     max_shard_size: int | str = "5GB",
     dtype: torch.dtype | str | None = None,
     fp8: bool = False,
+    scale_fmt: str | None = None,
 ) -> None:
     """`save_pretrained` from any source of tensors: `shapes` gives each state-dict key's shape and dtype,
     `fetch(key)` the whole tensor, asked for one shard's tensors at a time (a distributed checkpoint is read
     that way, without holding the model in one process)."""
+    scale_fmt = resolve_scale_fmt(scale_fmt, cfg, fp8)
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     if isinstance(dtype, str):
@@ -282,27 +308,31 @@ def write_pretrained(
                 cache[key] = fetch(key)
             t = cache[key] if e is None else cache[key][e]
             if fp8 and names.is_fp8_in_release(name):
-                out[name], out[name + SCALE_SUFFIX] = quantize_blocks(t)
+                out[name], out[name + SCALE_SUFFIX] = quantize_blocks(t, scale_format=scale_fmt)
             else:
                 out[name] = t.detach().to("cpu", final_dtype(name, key)).clone()
         return out
 
     write_shards(path, plan_shards(planned, max_shard_size), materialize, always_index=fp8)
-    write_config(path, cfg, dtype or shapes["embed.weight"][1], fp8)
+    write_config(path, cfg, dtype or shapes["embed.weight"][1], fp8, scale_fmt)
 
 
-def write_config(path: str, cfg: ModelConfig, dtype: torch.dtype, fp8: bool) -> None:
+def quantization_config(scale_fmt: str = "fp32") -> dict:
+    """config.json's quantization_config for the FP8 block format, key for key and in order as released:
+    DeepSeek-V3's four keys, and for power-of-two scales DeepSeek-V3.1's `scale_fmt` after them."""
+    qc = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [BLOCK, BLOCK]}
+    if scale_fmt == "ue8m0":
+        qc["scale_fmt"] = "ue8m0"
+    return qc
+
+
+def write_config(path: str, cfg: ModelConfig, dtype: torch.dtype, fp8: bool, scale_fmt: str = "fp32") -> None:
     """config.json with the weights' dtype, and the release's quantization_config when FP8."""
     extra = dict(cfg.extra)
     extra["dtype"] = str(dtype).removeprefix("torch.")
     extra.pop("torch_dtype", None)
     if fp8:
-        extra["quantization_config"] = {
-            "quant_method": "fp8",
-            "fmt": "e4m3",
-            "activation_scheme": "dynamic",
-            "weight_block_size": [128, 128],
-        }
+        extra["quantization_config"] = quantization_config(scale_fmt)
     else:
         extra.pop("quantization_config", None)
     cfg.replace(extra=extra).save(os.path.join(path, "config.json"))

@@ -19,6 +19,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="weight dtype of the result (default bf16; fp8 writes e4m3 with 128x128 block scales)",
     )
     parser.add_argument(
+        "--scale-fmt",
+        choices=["fp32", "ue8m0"],
+        default=None,
+        help="with --dtype fp8: the block scales, any fp32 number (DeepSeek-V3's) or a power of two (V3.1's "
+        "ue8m0); default: the source config's format, fp32 for a source that is not FP8",
+    )
+    parser.add_argument(
         "--max-shard-size",
         default=None,
         metavar="SIZE",
@@ -29,13 +36,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from dsv3.checkpoint.convert import convert_checkpoint
+    from dsv3.checkpoint.pretrained import scale_fmt_of
+    from dsv3.config import ModelConfig
 
     start = time.perf_counter()
     weight_map = convert_checkpoint(args.src, args.dst, dtype=args.dtype, max_shard_size=args.max_shard_size,
-                                    overwrite=args.overwrite)
+                                    overwrite=args.overwrite, scale_fmt=args.scale_fmt)
     n_files = len(set(weight_map.values()))
+    what = args.dtype
+    if args.dtype == "fp8":
+        what += f", {scale_fmt_of(ModelConfig.from_hf(args.dst))} block scales"
     print(
-        f"wrote {len(weight_map)} tensors in {n_files} file(s) to {args.dst} ({args.dtype}) "
+        f"wrote {len(weight_map)} tensors in {n_files} file(s) to {args.dst} ({what}) "
         f"in {time.perf_counter() - start:.1f}s"
     )
     return 0
