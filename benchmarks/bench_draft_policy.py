@@ -1,16 +1,19 @@
 """When MTP drafting pays: plain decoding against speculative decoding with the adaptive draft policy (each
 sequence drafts while its acceptance pays for the measured cost of a speculative step) and with drafting on
-every step, at high and at low acceptance, on a model deep enough that the MTP block is a small share of it.
+every step, drafting one token per step or two (MTP module 1 applied twice), at high and at low acceptance,
+on a model deep enough that the MTP block is a small share of it.
 
     .venv/bin/python benchmarks/bench_draft_policy.py                  # 16 layers, trained here in ~1 minute
     .venv/bin/python benchmarks/bench_draft_policy.py --layers 24 --json out.json
+    .venv/bin/python benchmarks/bench_draft_policy.py --draft-tokens 2 --policies always
 
 The model (the `tiny` preset's widths, `--layers` deep, vocabulary 512) is trained for a few hundred steps
 on a small repeated text, with its MTP module, until both heads have learnt it: prompts from that text give
 high acceptance. Lower acceptance comes from the same main model with its MTP module moved part or all of
 the way to freshly initialised weights (so plain decoding is the same in every case). Greedy,
 batch 1, one thread; each configuration is timed over the same prompts, best of --repeats; the speculative
-outputs must equal the plain ones token for token.
+outputs must equal the plain ones token for token. Acceptance is reported over all drafts and per draft
+position (position 2 counts a draft kept only when the first was, over the same steps).
 """
 
 from __future__ import annotations
@@ -56,12 +59,13 @@ def train(layers: int, steps: int, seed: int) -> tuple[DeepSeekV3, Tokenizer]:
     return model.eval(), tok
 
 
-def timed(model, tok, prompts, new_tokens: int, speculative: bool, policy: str, repeats: int):
+def timed(model, tok, prompts, new_tokens: int, speculative: bool, policy: str, repeats: int, draft_tokens: int = 1):
     """Best decode tokens/s over `repeats` runs of the prompts one at a time, and the last run's sequences."""
     params = SamplingParams(max_new_tokens=new_tokens)  # no stop token: every run decodes all new_tokens
     best, seqs, stats = 0.0, None, None
     for _ in range(repeats):
-        engine = Engine(model, tok, cache_dtype="fp32", speculative=speculative, draft_policy=policy)
+        engine = Engine(model, tok, cache_dtype="fp32", speculative=speculative, draft_policy=policy,
+                        draft_tokens=draft_tokens)
         engine.generate([prompts[0]], SamplingParams(max_new_tokens=4))  # warm-up
         engine.stats = type(engine.stats)()
         seqs = [engine.generate([p], params)[0] for p in prompts]
@@ -78,6 +82,9 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=96)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--draft-tokens", type=int, nargs="+", default=[1, 2], choices=[1, 2],
+                    help="drafts per step to compare (default: 1 2)")
+    ap.add_argument("--policies", nargs="+", default=["always", "adaptive"], choices=["always", "adaptive"])
     ap.add_argument("--json")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -96,21 +103,29 @@ def main() -> None:
     # acceptance falls from ~95% towards 0 while every plain step stays the same
     cases = {"MTP trained": 0.0, "MTP 3/4 fresh": 0.75, "MTP fresh": 1.0}
     results = {}
-    print(f"{'case':<14} {'policy':<9} {'tok/s':>7} {'vs plain':>9} {'acceptance':>10} {'stopped':>8}")
+    print(f"{'case':<14} {'drafts':>6} {'policy':<9} {'tok/s':>7} {'vs plain':>9} {'acceptance':>10} "
+          f"{'by position':>15} {'tok/step':>8} {'stopped':>8}")
     with torch.inference_mode():
         for case, mix in cases.items():
             model.mtp.load_state_dict({k: (1 - mix) * trained[k] + mix * noise[k] for k in trained})
             plain, want, _ = timed(model, tok, prompts, args.new_tokens, False, "adaptive", args.repeats)
             results[case] = {"plain": plain}
-            print(f"{case:<14} {'plain':<9} {plain:>7.1f} {'1.00x':>9}")
-            for policy in ("always", "adaptive"):
-                rate, seqs, stats = timed(model, tok, prompts, args.new_tokens, True, policy, args.repeats)
-                assert [s.tokens for s in seqs] == [s.tokens for s in want], "speculation changed greedy output"
-                accept = stats.acceptance or 0.0
-                results[case][policy] = {"tokens_per_s": rate, "speedup": rate / plain, "acceptance": accept,
-                                         "stopped_drafting": stats.stopped_drafting}
-                print(f"{'':<14} {policy:<9} {rate:>7.1f} {rate / plain:>8.2f}x {accept:>10.1%} "
-                      f"{stats.stopped_drafting:>8}")
+            print(f"{case:<14} {'':>6} {'plain':<9} {plain:>7.1f} {'1.00x':>9}")
+            for k in args.draft_tokens:
+                for policy in args.policies:
+                    rate, seqs, stats = timed(model, tok, prompts, args.new_tokens, True, policy, args.repeats, k)
+                    assert [s.tokens for s in seqs] == [s.tokens for s in want], "speculation changed greedy output"
+                    accept = stats.acceptance or 0.0
+                    by_position = [a or 0.0 for a in stats.acceptance_by_position]
+                    per_step = sum(len(s.tokens) - 1 for s in seqs) / stats.decode_steps
+                    results[case][f"{policy}, {k} draft(s)"] = {
+                        "draft_tokens": k, "policy": policy, "tokens_per_s": rate, "speedup": rate / plain,
+                        "acceptance": accept, "acceptance_by_position": by_position,
+                        "draft_proposed": stats.draft_proposed, "draft_accepted": stats.draft_accepted,
+                        "tokens_per_step": per_step, "stopped_drafting": stats.stopped_drafting}
+                    positions = " / ".join(f"{a:.0%}" for a in by_position) or "-"
+                    print(f"{'':<14} {k:>6} {policy:<9} {rate:>7.1f} {rate / plain:>8.2f}x {accept:>10.1%} "
+                          f"{positions:>15} {per_step:>8.2f} {stats.stopped_drafting:>8}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"layers": args.layers, "new_tokens": args.new_tokens, "results": results}, f, indent=1)

@@ -38,6 +38,14 @@ PAD = "<｜▁pad▁｜>"
 USER = "<｜User｜>"
 ASSISTANT = "<｜Assistant｜>"
 SPECIAL_TOKENS = (BOS, EOS, PAD, USER, ASSISTANT)
+# DeepSeek-V3.1's hybrid thinking mode (`dsv3.chat_template`): reasoning opens with THINK and closes with
+# THINK_END. They are plain strings here, not SPECIAL_TOKENS: a byte-level BPE spells any text exactly, so
+# the reasoning splitter (`dsv3.infer.reasoning`), which reads decoded text, finds them however they were
+# tokenized (DeepSeek's own tokenizer.json has each as one added token), and a tokenizer on disk is read
+# from its file, never renumbered. Reserving them in `Tokenizer.train` would shift every id of a newly
+# trained vocabulary and give the splitter nothing it needs.
+THINK = "<think>"
+THINK_END = "</think>"
 
 # End-of-text spellings tried, in order, for a tokenizer.json that comes without a tokenizer_config.json.
 EOS_SPELLINGS = (EOS, "<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>")

@@ -221,7 +221,7 @@ def test_rejection_sampling_keeps_the_target_distribution():
     accepted = 0
     for _ in range(n):
         d = int(torch.multinomial(q, 1, generator=g))
-        kept = verify(target, Draft(d, q), params, g)
+        kept = verify(target, [Draft(d, q)], params, g)
         counts[kept[0]] += 1
         accepted += len(kept) - 1
     assert torch.allclose(counts / n, p, atol=0.02)

@@ -51,6 +51,10 @@ def run(args: argparse.Namespace) -> int:
                 f"finish: {seq.finish_reason}")
         if s.acceptance is not None:
             line += f"; MTP acceptance {s.acceptance:.1%} ({s.accepted}/{s.drafted})"
+            if len(s.draft_proposed) > 1:  # a draft is kept only if the ones before it are: the rates fall with j
+                per = zip(s.draft_accepted, s.draft_proposed)
+                line += ", by draft position " + ", ".join(f"{j}: {a / p:.1%} ({a}/{p})" for j, (a, p) in
+                                                           enumerate(per, start=1))
         cache = engine.cache
         used = engine.pool.peak
         kib = used * cache.block_size * cache.nbytes_per_token() / 2**10

@@ -3,8 +3,8 @@ never each other.
 
 - `add_config_source`: which model configuration (info, prepare, cost, plan): --preset / --config / --model.
 - `add_model`: which model to run (generate, chat, serve): --model DIR or --preset NAME, --dtype, --threads.
-- `add_serving`: how to run it: --cache-dtype, --speculative, --max-len, the paged cache's --block-size,
-  --cache-tokens, --prefill-chunk, --no-prefix-cache, and --max-batch where it applies.
+- `add_serving`: how to run it: --cache-dtype, --speculative (--draft-policy, --draft-tokens), --max-len, the
+  paged cache's --block-size, --cache-tokens, --prefill-chunk, --no-prefix-cache, and --max-batch where it applies.
 - `add_sampling`: how to pick tokens: --max-new-tokens, --temperature, --top-k, --top-p, --seed, --stop.
 - `add_identity`, `add_chat_fields`: the assistant's own name and maker; where the turns are in a JSONL chat
   record (audit, sft, eval).
@@ -62,6 +62,9 @@ def add_serving(parser: argparse.ArgumentParser, *, max_batch: int | None = None
                         help="with --speculative: 'adaptive' lets each sequence draft only while its acceptance "
                              "pays for the measured cost of a speculative step; 'always' drafts every step "
                              "(default: adaptive)")
+    parser.add_argument("--draft-tokens", type=int, default=1, metavar="N",
+                        help="with --speculative: tokens drafted per step, 1 or 2; 2 applies MTP module 1 a second "
+                             "time to its own output and verifies both drafts in one forward (default: 1)")
     parser.add_argument("--max-len", type=int, metavar="N",
                         help="longest sequence, prompt included (default: the model's max_position_embeddings); "
                              "the cache grows with the requests up to it")
@@ -113,7 +116,7 @@ def make_engine(args: argparse.Namespace, loaded):
 
     config = ServingConfig(max_batch=getattr(args, "max_batch", 1), max_len=args.max_len,
                            cache_dtype=args.cache_dtype, speculative=bool(args.speculative),
-                           draft_policy=args.draft_policy,
+                           draft_policy=args.draft_policy, draft_tokens=args.draft_tokens,
                            block_size=args.block_size, cache_tokens=args.cache_tokens,
                            prefill_chunk=args.prefill_chunk, prefix_cache=args.prefix_cache)
     if not launched():

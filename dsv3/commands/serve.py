@@ -36,6 +36,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-body", type=int, default=8 * 2**20, metavar="BYTES",
                         help="largest request body accepted; larger ones get 413 (default: 8 MiB)")
     parser.add_argument("--name", help="the model name clients ask for (default: the directory's or preset's name)")
+    parser.add_argument("--chat-format", choices=["v3", "v3.1"], default="v3",
+                        help="the chat format of a model whose tokenizer_config.json has no chat_template: "
+                             "DeepSeek-V3's, or DeepSeek-V3.1's with its thinking mode (default: v3)")
+    parser.add_argument("--thinking", action=argparse.BooleanOptionalAction,
+                        help="thinking mode for chat requests that do not set it in chat_template_kwargs; the "
+                             "reasoning is answered as reasoning_content (default: the chat format's own, off "
+                             "for v3.1)")
 
 
 def api_key(args: argparse.Namespace) -> str | None:
@@ -104,14 +111,18 @@ def run(args: argparse.Namespace) -> int:
     sock = check_listen(args) if options.is_leader() else None  # the other ranks only compute
     loaded = options.load_model(args)
     engine = options.make_engine(args, loaded)
+    template = ChatTemplate.from_config(loaded.tokenizer.config, builtin=args.chat_format)
+    if args.thinking and not template.has_thinking_switch:
+        raise Dsv3Error(f"--thinking needs a chat format with a thinking mode, and this model has no chat template "
+                        f"({template.name} has none); add --chat-format v3.1")
     config = ServerConfig(model_name=args.name or loaded.name, api_key=key, max_queue=args.max_queue,
-                          max_body_bytes=args.max_body)
-    app = create_app(engine, loaded.tokenizer, config, ChatTemplate.from_config(loaded.tokenizer.config))
+                          max_body_bytes=args.max_body, thinking=args.thinking)
+    app = create_app(engine, loaded.tokenizer, config, template)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if key is None and not _loopback(args.host):
         print(f"warning: serving on {args.host} without an API key: anyone who can reach this address can use "
               f"the model; set ${KEY_ENV} or pass --api-key-file", file=sys.stderr)
-    speculation = ", MTP speculation" if args.speculative else ""
+    speculation = f", MTP speculation ({args.draft_tokens} draft(s) per step)" if args.speculative else ""
     print(f"serving {config.model_name} on http://{args.host}:{args.port}/v1 ({engine.max_batch} slots, context up "
           f"to {engine.max_len} tokens, {args.cache_dtype} cache{speculation})", file=sys.stderr)
     protocol = type("Protocol", (DeadlineProtocol,), {"request_timeout": args.request_timeout})

@@ -14,6 +14,8 @@ from dsv3.config import ModelConfig
 from dsv3.errors import InvalidValue
 from dsv3.model.cache import CACHE_DTYPES
 
+DRAFT_TOKENS = (1, 2)  # MTP module 1 applied once, or twice on its own output (see `speculative.py`)
+
 
 @dataclass
 class ServingConfig:
@@ -22,6 +24,7 @@ class ServingConfig:
     cache_dtype: str = "bf16"  # latent cache storage: bf16, fp32 or fp8
     speculative: bool = False  # draft with MTP module 1, verify with the model
     draft_policy: str = "adaptive"  # "adaptive": each sequence drafts while it pays; "always"
+    draft_tokens: int = 1  # tokens drafted per step (MTP module 1 applied that many times), verified together
     block_size: int = 64  # positions per block of the paged cache
     cache_tokens: int | None = None  # the pool's size in tokens; None: max_batch sequences of max_len each
     prefill_chunk: int | None = None  # prompt tokens prefilled per step at most; None: whole prompts
@@ -35,6 +38,10 @@ class ServingConfig:
             raise InvalidValue("cache_dtype", self.cache_dtype, f"is not one of {', '.join(CACHE_DTYPES)}")
         if self.draft_policy not in ("adaptive", "always"):
             raise InvalidValue("draft_policy", self.draft_policy, "is not one of adaptive, always")
+        if not isinstance(self.draft_tokens, int) or isinstance(self.draft_tokens, bool) or \
+                self.draft_tokens not in DRAFT_TOKENS:
+            raise InvalidValue("draft_tokens", self.draft_tokens, "must be 1 or 2, the tokens MTP module 1 drafts "
+                               "per step")
         for name, low in (("block_size", 1), ("cache_tokens", 1), ("prefill_chunk", 1)):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):

@@ -22,13 +22,19 @@ Prefill runs the "naive" attention (per-head K/V, the fast SDPA kernel over long
 the "absorb" one, which attends over the cached latent and never re-expands it (DESIGN section 3). The engine
 only schedules: every forward is a call to the model's public `run` or `mtp_step`.
 
-With `speculative=True`, MTP module 1 drafts one token per step and the main model checks it in the same
-forward that produces the next token (see `speculative.py`): up to two tokens per step for the price of
-one main forward plus one MTP block.
+With `speculative=True`, MTP module 1 drafts `draft_tokens` = k tokens per step (k = 2 applies it a second
+time to its own output) and the main model checks them in the same forward that produces the next token (see
+`speculative.py`): up to k + 1 tokens per step for the price of one main forward over k + 1 tokens plus k MTP
+blocks.
 
 State of a running sequence between steps (n = its length - 1):
     tokens[-1] (position n) is sampled but not yet in the cache; main-model slots 0..n-1 are written;
-    with speculation, MTP slots 0..n-1 are written too and `draft` is MTP's guess for position n + 1.
+    with speculation, MTP slots 0..n-1 are written too and `drafts` are MTP's guesses for positions
+    n + 1..n + k. With k = 2 the second draft also wrote MTP slot n from the module's own state (a stand-in
+    for h_n); the next step's MTP pass writes slot n again from the real h_n before anything reads it.
+Slots past these hold what rejected drafts left there: each is written again before any query attends to it
+(a query at position p reads slots 0..p only, and every forward writes its own positions first), and none is
+in a block offered for prefix sharing, so rolling back a rejected draft costs nothing.
 While a sequence prefills, slots 0..cached-1 are written (shared blocks included).
 """
 
@@ -77,11 +83,11 @@ class Sequence:
     promised: int = 0  # blocks the pool still owes it (its worst case, less what it holds)
     keys: list[bytes] = field(default_factory=list)  # prefix keys of its leading blocks, registered ones first
     generator: torch.Generator | None = None
-    draft: Draft | None = None
+    drafts: list[Draft] = field(default_factory=list)  # with speculation: the guesses for the next positions
     drafting: bool = True  # with speculation: still drafting (it stops for good when drafting does not pay)
     mtp_written: int | None = None  # once it stops drafting: the MTP layer's slots 0..mtp_written-1 are written
-    n_drafted: int = 0
-    n_accepted: int = 0
+    n_drafted: int = 0  # draft tokens verified
+    n_accepted: int = 0  # of them kept
     cancelled: bool = False
     _new_tokens: list[int] = field(default_factory=list)
     _new_text: str = ""
@@ -113,8 +119,11 @@ class Stats:
     prefill_time: float = 0.0
     decode_time: float = 0.0
     decode_steps: int = 0
-    drafted: int = 0
-    accepted: int = 0
+    # draft position j + 1 (the j-th token after a step's last one): drafts verified there, and kept. A draft is
+    # kept only if every draft before it is, so draft_accepted falls with j; draft_proposed[0] counts the
+    # sequences' drafting steps.
+    draft_proposed: list[int] = field(default_factory=list)
+    draft_accepted: list[int] = field(default_factory=list)
     stopped_drafting: int = 0  # sequences that stopped drafting because it did not pay
     prefix_hit_tokens: int = 0  # prompt tokens whose prefill a cached block saved
     prefix_lookup_tokens: int = 0  # prompt tokens of the sequences that looked for cached blocks
@@ -124,8 +133,31 @@ class Stats:
         return self.prefix_hit_tokens / self.prefix_lookup_tokens if self.prefix_lookup_tokens else None
 
     @property
+    def drafted(self) -> int:
+        return sum(self.draft_proposed)
+
+    @property
+    def accepted(self) -> int:
+        return sum(self.draft_accepted)
+
+    @property
     def acceptance(self) -> float | None:
+        """Draft tokens kept / verified, all positions together."""
         return self.accepted / self.drafted if self.drafted else None
+
+    @property
+    def acceptance_by_position(self) -> list[float | None]:
+        """Per draft position: kept / verified there."""
+        return [a / p if p else None for a, p in zip(self.draft_accepted, self.draft_proposed)]
+
+    def record_drafts(self, proposed: int, accepted: int) -> None:
+        """One sequence's drafting step: `proposed` drafts verified, the first `accepted` of them kept."""
+        while len(self.draft_proposed) < proposed:
+            self.draft_proposed.append(0)
+            self.draft_accepted.append(0)
+        for j in range(proposed):
+            self.draft_proposed[j] += 1
+            self.draft_accepted[j] += j < accepted
 
 
 class Engine:
@@ -136,10 +168,10 @@ class Engine:
     ServingConfig(max_batch=8))`.
     """
 
-    DRAFT_PRIOR = 4  # drafts' worth of the engine's acceptance a new sequence's own rate starts from
-    DRAFT_PRIOR_RATE = 0.75  # the acceptance assumed before the engine has drafted that many
+    DRAFT_PRIOR = 4  # drafting steps' worth of the engine's yield a new sequence's own yield starts from
+    DRAFT_PRIOR_RATE = 0.75  # each draft's acceptance (given the earlier ones') assumed before the engine has any
     RECALIBRATE = 64  # decode steps between measurements of what a plain step would cost
-    SEEDED_COST_RATIO = 1.5  # the cost of a speculative step, in plain steps, that seeded sampled sequences assume
+    SEEDED_DRAFT_COST = 0.5  # what each draft adds to a step's cost, in plain steps, for seeded sampled sequences
     GROWTH = 1.5  # the cache's storage grows geometrically with the blocks handed out, at least GROW_TOKENS
     GROW_TOKENS = 256
 
@@ -154,6 +186,7 @@ class Engine:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.speculative = config.speculative
+        self.draft_tokens = config.draft_tokens if config.speculative else 0
         self.device = next(model.parameters()).device
         self.block_size = config.block_size
         if config.cache_tokens is None:  # room for max_batch sequences of the longest length, as rows had
@@ -271,9 +304,9 @@ class Engine:
 
     # ----- blocks ------------------------------------------------------------------------------------
     def _worst_blocks(self, prompt_len: int, params: SamplingParams) -> int:
-        """Blocks a sequence may come to hold: its prompt and every new token (a speculative step writes one
-        slot past the last token)."""
-        slots = min(prompt_len + params.max_new_tokens, self.max_len) + (1 if self.speculative else 0)
+        """Blocks a sequence may come to hold: its prompt and every new token (a speculative step writes k slots
+        past the last token)."""
+        slots = min(prompt_len + params.max_new_tokens, self.max_len) + self.draft_tokens
         return math.ceil(slots / self.block_size)
 
     def _hold(self, s: Sequence, slots: int) -> None:
@@ -394,7 +427,8 @@ class Engine:
                 following = (s.prompt + (s.tokens[:1] or [0]))[start + 1 : end + 1]
                 next_ids[i, : end - start] = torch.tensor(following)
             draft = self.model.mtp_step(out.hidden, next_ids, positions, cache, attn="naive", logits_at=last)
-            self._draft([s for s, _, _ in batch], draft.logits[:, 0], only=done)
+            state = torch.take_along_dim(draft.hidden, last[..., None], dim=1)  # [B, 1, d]
+            self._draft([s for s, _, _ in batch], draft.logits[:, 0], state, only=done)
         for s, _, end in batch:
             self._register(s, end)
         self.stats.prompt_tokens += sum(end - start for _, start, end in batch)
@@ -419,30 +453,35 @@ class Engine:
 
     def _drafts_that_do_not_pay(self) -> list[Sequence]:
         """The running sequences to stop drafting. A speculative step costs r plain steps (measured, at this
-        batch size) and yields 1 + a tokens for a sequence whose drafts are accepted at rate a: drafting pays
-        while a > r - 1. The rate is the sequence's own, pulled towards the engine's (DRAFT_PRIOR drafts'
-        worth) until it has a history of its own."""
+        batch size, for this engine's k drafts: a (k + 1)-token forward and k MTP blocks) and yields 1 + a
+        tokens for a sequence that keeps a drafts per step on average (0 <= a <= k): drafting pays while
+        a > r - 1. The yield is the sequence's own, pulled towards the engine's (DRAFT_PRIOR steps' worth)
+        until it has a history of its own; before the engine has one, each draft is assumed kept at
+        DRAFT_PRIOR_RATE given the earlier ones, a = sum of DRAFT_PRIOR_RATE^j over j = 1..k."""
         if not self.speculative or self.config.draft_policy != "adaptive":
             return []
+        k = self.draft_tokens
         drafting = [s for s in self.running if s.drafting and not s.done]
         measured = self._cost_ratio(len(drafting))
-        engine = self.stats.acceptance if self.stats.drafted >= self.DRAFT_PRIOR else self.DRAFT_PRIOR_RATE
+        assumed = sum(self.DRAFT_PRIOR_RATE**j for j in range(1, k + 1))
+        steps = self.stats.draft_proposed[0] if self.stats.draft_proposed else 0  # drafting steps, all sequences
+        engine = self.stats.accepted / steps if steps >= self.DRAFT_PRIOR else assumed
         stop = []
         for s in drafting:
             if s.params.seed is not None and not s.params.greedy:
                 # when drafting stops changes which random draws a sampled sequence makes: a seeded one decides
                 # from its own drafts and a fixed cost, so that its tokens repeat whatever runs beside it
-                ratio, prior = self.SEEDED_COST_RATIO, self.DRAFT_PRIOR_RATE
+                ratio, prior = 1 + self.SEEDED_DRAFT_COST * k, assumed
             else:
                 ratio, prior = measured, engine
-            if ratio is not None and (s.n_accepted + self.DRAFT_PRIOR * prior) / (s.n_drafted + self.DRAFT_PRIOR) \
-                    <= ratio - 1:
+            kept_per_step = (s.n_accepted + self.DRAFT_PRIOR * prior) / (s.n_drafted / k + self.DRAFT_PRIOR)
+            if ratio is not None and kept_per_step <= ratio - 1:
                 stop.append(s)
         return stop
 
     def stop_drafting(self, s: Sequence) -> None:
         """s decodes plainly from now on, for good: its MTP layer's cache is no longer written."""
-        s.drafting, s.mtp_written, s.draft = False, s.length - 1, None
+        s.drafting, s.mtp_written, s.drafts = False, s.length - 1, []
         self.stats.stopped_drafting += 1
 
     def _cost_ratio(self, batch: int) -> float | None:
@@ -472,12 +511,16 @@ class Engine:
                     self._append(s, sample(row_logits, s.params, s.generator), row_logits)
 
     def _speculative_step(self, active: list[Sequence]) -> None:
-        """Feed [last token, draft] at [n, n+1]: position n's logits judge the draft, position n+1's give the
-        token after it when the draft is accepted. Then MTP drafts again from wherever each row ended."""
-        ids = torch.tensor([[s.tokens[-1], s.draft.token] for s in active], device=self.device)  # [B, 2]
-        positions = torch.tensor([[s.length - 1, s.length] for s in active], device=self.device)  # [B, 2]
+        """Feed [last token, d_1..d_k] at [n..n+k]: position n+j-1's logits judge d_j, and once a draft is
+        rejected (or after the last) they give the next token. Then MTP drafts again from wherever each row
+        ended."""
+        k = self.draft_tokens
+        ids = torch.tensor([[s.tokens[-1]] + [d.token for d in s.drafts] for s in active],
+                           device=self.device)  # [B, k + 1]
+        positions = torch.tensor([list(range(s.length - 1, s.length + k)) for s in active],
+                                 device=self.device)  # [B, k + 1]
         for s in active:
-            self._hold(s, s.length + 1)
+            self._hold(s, s.length + k)
         cache = self.cache.rows([s.blocks for s in active])
         B = len(active)
         if self.config.draft_policy == "adaptive" and (B not in self._step_costs or self.stats.decode_steps %
@@ -488,34 +531,52 @@ class Engine:
             self.model.run(ids[:, :1], positions[:, :1], cache, attn="absorb")
             self._record_cost(B, 0, time.perf_counter() - t0)
         t0 = time.perf_counter()
-        out = self.model.run(ids, positions, cache, attn="absorb")  # logits [B, 2, V], hidden [B, 2, d]
+        out = self.model.run(ids, positions, cache, attn="absorb")  # logits [B, k+1, V], hidden [B, k+1, d]
         next_ids = torch.zeros_like(ids)
         accepted = []
         for i, s in enumerate(active):
             new = [s.tokens[-1]]  # what a failed verification leaves: nothing new (the sequence is finished then)
             with self._alone(s):
-                new = verify(out.logits[i], s.draft, s.params, s.generator)
-                s.n_drafted += 1
+                new = verify(out.logits[i], s.drafts, s.params, s.generator)
+                s.n_drafted += k
                 s.n_accepted += len(new) - 1
+                self.stats.record_drafts(k, len(new) - 1)
                 for t, row_logits in zip(new, out.logits[i]):
                     self._append(s, t, row_logits)
             accepted.append(len(new) - 1)
-            next_ids[i] = torch.tensor([new[0], new[-1]])  # the second slot is only read when accepted
-        self.stats.drafted += len(active)
-        self.stats.accepted += sum(accepted)
-        # the draft is read at each row's last real position: n when the draft was rejected, n+1 when kept
+            # MTP slot n+j reads t_{n+j+1} = new[j]; slots past the kept tokens are never read
+            next_ids[i] = torch.tensor(new + new[-1:] * (k + 1 - len(new)))
+        # the next draft is read at each row's last real position: n + the number of drafts kept
         pick = torch.tensor(accepted, device=self.device)[:, None]  # [B, 1]
         draft = self.model.mtp_step(out.hidden, next_ids, positions, cache, attn="absorb", logits_at=pick)
-        self._draft(active, draft.logits[:, 0])
+        self._draft(active, draft.logits[:, 0], torch.take_along_dim(draft.hidden, pick[..., None], dim=1))
         self._record_cost(B, 1, time.perf_counter() - t0)
 
-    def _draft(self, seqs: list[Sequence], logits: torch.Tensor, only: list[Sequence] | None = None) -> None:
-        """Each running sequence's draft of its next-but-one token from MTP's logits [B, V] (of those in
-        `only`, when given)."""
-        for s, row_logits in zip(seqs, logits):
-            if not s.done and (only is None or s in only):
+    def _draft(self, seqs: list[Sequence], logits: torch.Tensor, state: torch.Tensor,
+               only: list[Sequence] | None = None) -> None:
+        """Each running sequence's k drafts (of those in `only`, when given), from MTP's logits [B, V] and the
+        module's output state [B, 1, d] at its last written MTP slot n-1. The first draft (for n+1) is read
+        from the logits; each further one is MTP module 1 applied again, to its own last state and the draft
+        before, at the next position (n, then n+1, ...), which writes that MTP slot provisionally."""
+        rows = [i for i, s in enumerate(seqs) if not s.done and (only is None or s in only)]
+        for i in rows:
+            with self._alone(seqs[i]):
+                seqs[i].drafts = [draft_token(logits[i], seqs[i].params, seqs[i].generator)]
+        for j in range(1, self.draft_tokens):
+            rows = [i for i in rows if not seqs[i].done]  # a sequence whose own drafting failed is finished
+            if not rows:
+                return
+            chain = [seqs[i] for i in rows]
+            for s in chain:
+                self._hold(s, s.length + j - 1)
+            ids = torch.tensor([[s.drafts[-1].token] for s in chain], device=self.device)  # [B', 1]
+            positions = torch.tensor([[s.length + j - 2] for s in chain], device=self.device)  # [B', 1]
+            out = self.model.mtp_step(state[rows], ids, positions, self.cache.rows([s.blocks for s in chain]),
+                                      attn="absorb")
+            state[rows] = out.hidden  # [B', 1, d]
+            for s, row_logits in zip(chain, out.logits[:, 0]):
                 with self._alone(s):
-                    s.draft = draft_token(row_logits, s.params, s.generator)
+                    s.drafts.append(draft_token(row_logits, s.params, s.generator))
 
     # ----- bookkeeping -------------------------------------------------------------------------------
     @contextlib.contextmanager

@@ -7,7 +7,9 @@ answers with server-sent events in OpenAI's chunk format, ending with `[DONE]`. 
 streaming or not, has its generation cancelled and its cache row freed. With an API key, every route but
 /health and the page wants it (the interactive docs and the OpenAPI schema included). Bodies are limited in size
 (`limits.BodyLimit`), prompts are measured before they are tokenized, and tokenizing runs off the event
-loop, so one huge prompt cannot stall everyone else's streams.
+loop, so one huge prompt cannot stall everyone else's streams. Chat requests take vLLM's `chat_template_kwargs`;
+in thinking mode (its `thinking` or `enable_thinking`, else the server's default) the reasoning is answered
+apart from the answer, as `reasoning_content`, streamed in deltas of its own before the answer's.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from dsv3.chat_template import ChatTemplate
 from dsv3.errors import InvalidValue
 from dsv3.infer import Engine, SamplingParams, Sequence
 from dsv3.infer.logprobs import TokenLogprob
+from dsv3.infer.reasoning import ReasoningSplitter, split_reasoning
 from dsv3.serve.batcher import Batcher, Event, Handle, QueueFull
 from dsv3.serve.limits import MAX_BODY_BYTES, BodyLimit
 from dsv3.serve.logprobs import chat_logprobs, completion_logprobs
@@ -37,6 +40,7 @@ from dsv3.serve.protocol import (
     CompletionRequest,
     DetokenizeRequest,
     SamplingFields,
+    TemplateKwargs,
     TokenizeRequest,
 )
 
@@ -57,6 +61,9 @@ class ServerConfig:
     api_key: str | None = None
     max_queue: int = 64
     default_max_tokens: int = 16  # completions; chat defaults to the rest of the context
+    # thinking mode for chat requests whose chat_template_kwargs do not say (None: the chat format's default,
+    # off for DeepSeek-V3.1's); in thinking mode the reasoning is answered apart, as reasoning_content
+    thinking: bool | None = None
     max_body_bytes: int = MAX_BODY_BYTES
 
 
@@ -82,7 +89,10 @@ def create_app(engine: Engine, tokenizer, config: ServerConfig, template: ChatTe
         return {"status": "ok", "model": config.model_name, "in_flight": batcher.in_flight,
                 "free_slots": engine.free_slots, "slots": engine.max_batch,
                 "cache_blocks_in_use": engine.pool.in_use, "prefix_hit_rate": engine.stats.prefix_hit_rate,
-                "speculative": engine.speculative, "mtp_acceptance": engine.stats.acceptance}
+                "speculative": engine.speculative, "mtp_acceptance": engine.stats.acceptance,
+                "draft_tokens": engine.draft_tokens, "mtp_acceptance_by_position": engine.stats.acceptance_by_position,
+                "mtp_draft_accepted": list(engine.stats.draft_accepted),
+                "mtp_draft_proposed": list(engine.stats.draft_proposed)}
 
     @app.get("/v1/models")
     async def models():
@@ -113,7 +123,7 @@ def _add_tokenizer_routes(app: FastAPI, api: _Api) -> None:
         if body.prompt is not None:
             ids = await api.encode(body.prompt, "prompt", bos=body.add_special_tokens is not False)
         else:
-            text = api.render(body.messages, body.add_generation_prompt)
+            text = api.render(body.messages, body.add_generation_prompt, body.chat_template_kwargs)
             ids = await api.encode(text, "messages", bos=bool(body.add_special_tokens))
         strs = [tok.id_to_token(t) for t in ids] if body.return_token_strs else None
         return {"count": len(ids), "max_model_len": api.engine.max_len, "tokens": ids, "token_strs": strs}
@@ -227,11 +237,24 @@ class _Api:
         bos_id = self.tokenizer.bos_id
         return [bos_id, *ids] if bos_id is not None and ids[:1] != [bos_id] else ids
 
-    def render(self, messages: list, add_generation_prompt: bool = True) -> str:
-        """Chat messages through the chat template; a conversation the template refuses is the client's error."""
+    def thinking(self, kwargs: TemplateKwargs | None) -> bool | None:
+        """The request's thinking switch, else the server's."""
+        switch = kwargs.switch() if kwargs is not None else None
+        return self.config.thinking if switch is None else switch
+
+    def render(self, messages: list, add_generation_prompt: bool = True, kwargs: TemplateKwargs | None = None
+               ) -> str:
+        """Chat messages through the chat template, with the request's template variables and the thinking
+        switch; a conversation the template refuses is the client's error."""
+        thinking = self.thinking(kwargs)
+        if thinking and not self.template.has_thinking_switch:
+            raise APIError(400, f"this model renders chats with {self.template.name}, which has no thinking mode; "
+                           "send thinking: false, or serve the model with --chat-format v3.1 (DeepSeek-V3.1's)",
+                           code="invalid_value", param="chat_template_kwargs.thinking")
         try:
             return self.template.render([{"role": m.role, "content": m.text()} for m in messages],
-                                        add_generation_prompt=add_generation_prompt)
+                                        add_generation_prompt=add_generation_prompt, thinking=thinking,
+                                        template_kwargs=kwargs.others() if kwargs is not None else None)
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None
 
@@ -315,7 +338,9 @@ class _Api:
         return entries
 
     async def chat(self, body: ChatRequest, request: Request):
-        prompt = await self.encode(self.render(body.messages), "messages")
+        prompt = await self.encode(self.render(body.messages, kwargs=body.chat_template_kwargs), "messages")
+        # thinking mode: the text before </think> is answered as reasoning_content, the rest as content
+        thinking = self.thinking(body.chat_template_kwargs) is True
         max_tokens = body.max_completion_tokens or body.max_tokens or max(self.engine.max_len - len(prompt), 1)
         top = (body.top_logprobs or 0) if body.logprobs else None
         [handle] = self.submit(body, [prompt], max_tokens, "messages", logprobs=top)
@@ -329,6 +354,27 @@ class _Api:
             return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()),
                     "model": self.config.model_name, "choices": [choice]}
 
+        if body.stream and thinking:
+            splitter = ReasoningSplitter()
+            held: list[TokenLogprob] = []  # the entries of tokens whose text the splitter holds back
+
+            def on_event(i: int, ev: Event) -> list[dict]:
+                out = [chunk({"role": "assistant", "content": ""}, None)] if ev.first else []
+                held.extend(self.visible(ev.logprobs, ev))
+                deltas = reasoning_deltas(splitter, ev)
+                if body.logprobs and held and not deltas and ev.finish_reason is not None:
+                    deltas = [{}]  # the last tokens' entries, with no text left to carry them
+                for j, delta in enumerate(deltas):  # the tokens' entries ride on the last text they made
+                    logprobs = None
+                    if body.logprobs and j == len(deltas) - 1:
+                        logprobs = chat_logprobs(tok, held)
+                        held.clear()
+                    out.append(chunk(delta, None, logprobs))
+                if ev.finish_reason is not None:
+                    out.append(chunk({}, ev.finish_reason))
+                return out
+
+            return sse([handle], request, body, on_event, chunk_usage(rid, "chat.completion.chunk", len(prompt)))
         if body.stream:
             def on_event(i: int, ev: Event) -> list[dict]:
                 out = [chunk({"role": "assistant", "content": ""}, None)] if ev.first else []
@@ -341,7 +387,11 @@ class _Api:
 
             return sse([handle], request, body, on_event, chunk_usage(rid, "chat.completion.chunk", len(prompt)))
         [(text, last)] = await collect_all([handle], request)
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": last.finish_reason}
+        message = {"role": "assistant", "content": text}
+        if thinking:
+            reasoning, answer = split_reasoning(text)
+            message = {"role": "assistant", "reasoning_content": reasoning, "content": answer}
+        choice = {"index": 0, "message": message, "finish_reason": last.finish_reason}
         if body.logprobs:
             choice["logprobs"] = chat_logprobs(tok, self.visible(handle.seq.logprobs, last))
         return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": self.config.model_name,
@@ -390,6 +440,16 @@ class Prompt:
     ids: list[int]
     echo_from: int  # ids[echo_from:] are the client's own tokens: 1 when the server put BOS before its text
     text: str  # the client's prompt as text, what `echo` returns
+
+
+def reasoning_deltas(splitter: ReasoningSplitter, ev: Event) -> list[dict]:
+    """The chat deltas of one event's text in thinking mode: reasoning_content first, then content, each only
+    when there is some (the splitter may hold back the start of a marker until the next event)."""
+    reasoning, answer = splitter.feed(ev.text)
+    if ev.finish_reason is not None:
+        rest_reasoning, rest_answer = splitter.finish()
+        reasoning, answer = reasoning + rest_reasoning, answer + rest_answer
+    return [{key: text} for key, text in (("reasoning_content", reasoning), ("content", answer)) if text]
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:

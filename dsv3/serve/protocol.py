@@ -7,10 +7,11 @@ OpenAI API does for parameters a model does not use.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from dsv3.chat_template import RESERVED
 from dsv3.infer.logprobs import MAX_TOP_LOGPROBS
 from dsv3.infer.sampling import SEED_RANGE
 
@@ -53,6 +54,9 @@ ALLOWED = {
     "logprobs": f"an integer from 0 to {MAX_TOP_LOGPROBS} (completions) or true/false (chat)",
     "top_logprobs": f"an integer from 0 to {MAX_TOP_LOGPROBS}",
     "seed": f"an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]",
+    "chat_template_kwargs": "an object of chat template variables, such as {\"thinking\": true}",
+    "thinking": "true or false",
+    "enable_thinking": "true or false",
 }
 
 
@@ -124,8 +128,36 @@ class ChatMessage(BaseModel):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
+class TemplateKwargs(BaseModel):
+    """`chat_template_kwargs` (vLLM's and SGLang's name): variables for the chat template. `thinking` (the
+    name DeepSeek-V3.1's template reads) or `enable_thinking` (Qwen3's, which vLLM also accepts for DeepSeek)
+    switches thinking mode; the other variables go to a Jinja template as they are."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    thinking: bool | None = None
+    enable_thinking: bool | None = None
+
+    @model_validator(mode="after")
+    def _one_switch(self):
+        if None not in (self.thinking, self.enable_thinking) and self.thinking != self.enable_thinking:
+            raise ValueError("thinking and enable_thinking are two names of one switch and disagree; send one")
+        clash = next((k for k in RESERVED if k in (self.model_extra or {})), None)
+        if clash is not None:
+            raise ValueError(f"'{clash}' is set by the server itself, not by a template variable")
+        return self
+
+    def switch(self) -> bool | None:
+        """The thinking switch, or None when the request leaves it to the server."""
+        return self.thinking if self.thinking is not None else self.enable_thinking
+
+    def others(self) -> dict[str, Any]:
+        """The variables besides the switch."""
+        return dict(self.model_extra or {})
+
+
 class ChatRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    chat_template_kwargs: TemplateKwargs | None = None
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None  # the newer name of max_tokens
     logprobs: bool = False  # each answer token's log-probability, in the chat format
@@ -147,6 +179,7 @@ class TokenizeRequest(BaseModel):
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool | None = None  # BOS first; default: yes for a prompt, no for messages (their
     add_generation_prompt: bool = True  # template writes its own BOS)
+    chat_template_kwargs: TemplateKwargs | None = None  # with messages: as in a chat request
     return_token_strs: bool = False
 
     @model_validator(mode="after")
