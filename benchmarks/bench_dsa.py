@@ -79,7 +79,7 @@ def stages(args) -> dict:
         out = os.path.join(root, name)
         cfg = TrainConfig(out=out, overwrite=True, eval_every=kw["max_steps"], **common, **kw)
         start = time.perf_counter()
-        summary = train(cfg, log=log, progress=False)
+        summary = train(cfg, log=log, progress=False).summary
         print(f"{name}: {kw['max_steps']} steps in {time.perf_counter() - start:.0f} s, val loss "
               f"{summary.val_loss:.4f}", flush=True)
         return out, summary.val_loss
