@@ -28,6 +28,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _model_and_data(parser.add_argument_group("model and data"), d)
     _sparse_attention(parser.add_argument_group("sparse attention (DeepSeek-V3.2's DSA, from a dense model)"))
     add_recipe_arguments(parser, d, "optimizer (AdamW 0.9/0.95, DeepSeek-V3's schedule shape)")
+    parser.add_argument_group("speed").add_argument(
+        "--compile", action="store_true", default=S,
+        help="torch.compile each transformer block (regional compilation: one compiled graph serves every layer); "
+             "the first step takes a minute or two longer, and on the CPU it needs a C++ compiler")
 
 
 def _model_and_data(model, d: TrainConfig) -> None:

@@ -82,6 +82,9 @@ class TrainConfig:
     fp8_scale_format: str | None = None  # fp8 only: fp32 (default) or ue8m0 (powers of two)
     optimizer_state_dtype: str | None = None  # AdamW's moments: bf16 or fp32 (default: bf16 under fp8, else fp32)
     device: str = "cpu"
+    # regional compilation: torch.compile each transformer block (dsv3.parallel.build.apply_compile); the first
+    # step then takes a minute or two longer, and on the CPU inductor needs a C++ compiler
+    compile: bool = False
     seed: int = 0
     # load balancing
     balance: str = "aux-free"
@@ -148,6 +151,7 @@ class TrainConfig:
         need(self.grad_clip > 0, "grad_clip", "must be positive")
         need(self.init_std > 0, "init_std", "must be positive")
         need(self.dtype in DTYPES, "dtype", f"is not one of {', '.join(DTYPES)}")
+        need(isinstance(self.compile, bool), "compile", "must be true or false")
         need(self.schedule in SCHEDULES, "schedule", f"is not one of {', '.join(SCHEDULES)}")
         for name in ("fp8_scaling", "fp8_scale_format"):
             need(getattr(self, name) is None or self.dtype == "fp8", name, "only applies with --dtype fp8")

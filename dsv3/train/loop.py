@@ -6,10 +6,12 @@ over it. The parts it schedules live in their own modules: one optimizer step (`
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
@@ -85,8 +87,11 @@ class Trainer:
         self.tokenizer = self.info.tokenizer()
 
         torch.manual_seed(cfg.seed)
+        if cfg.compile:
+            check_compiler(self.device)
         self.model = build_model(self.model_cfg, self.d, init_std=cfg.init_std, seed=cfg.seed,
-                                 bf16=cfg.dtype != "fp32", reshard=cfg.reshard, convert=self._convert)
+                                 bf16=cfg.dtype != "fp32", reshard=cfg.reshard, convert=self._convert,
+                                 compile=cfg.compile)
         self.model.train()
         self.optimizer = build_optimizer(self.model, cfg)
         self.train_step = TrainStep(self.model, self.optimizer, cfg, self.autocast, self.device, self.d)
@@ -136,6 +141,11 @@ class Trainer:
 
     def autocast(self) -> torch.autocast:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.dtype != "fp32")
+
+    def eager(self) -> AbstractContextManager:
+        """Around passes that are not training steps (evaluation, samples): with --compile, run the blocks eagerly
+        rather than compile a graph for every new shape (evaluation's last batch, each sampled length)."""
+        return torch.compiler.set_stance("force_eager") if self.cfg.compile else contextlib.nullcontext()
 
     def _prepare_data(self) -> DatasetInfo:
         """A prepared dataset folder given as the only source is used as it is; anything else is prepared into
@@ -318,8 +328,9 @@ class Trainer:
         cfg, pipeline = self.cfg, self.train_step.pipeline
         extra = {} if pipeline is None else {"forward": pipeline.forward,
                                              "reduce": lambda t: self.d.all_reduce(t, "pp")}
-        return evaluate(self.model, self.info, cfg.batch_size, cfg.seq_len, windows, self.autocast, self.device,
-                        step, **extra)
+        with self.eager():
+            return evaluate(self.model, self.info, cfg.batch_size, cfg.seq_len, windows, self.autocast, self.device,
+                            step, **extra)
 
     def _save(self) -> None:
         if self.last_saved == self.step:
@@ -360,8 +371,9 @@ class Trainer:
                 self.log(f"no samples under pipeline parallelism: generate from {self.run_dir.path} with "
                          "`dsv3 generate --model` instead")
             return []
-        return samples(self.model, self.tokenizer, cfg.samples, cfg.sample_tokens, seed=cfg.seed,
-                       agree=self.d.broadcast if self.d.distributed else None)
+        with self.eager():
+            return samples(self.model, self.tokenizer, cfg.samples, cfg.sample_tokens, seed=cfg.seed,
+                           agree=self.d.broadcast if self.d.distributed else None)
 
     def _write(self, record: dict) -> None:
         if self.metrics is not None:
@@ -382,6 +394,20 @@ class Trainer:
             total_flops=self.tokens * self.flops_per_token, val_loss=ev.get("val_loss"), val_ppl=ev.get("val_ppl"),
             val_mtp_acc=ev.get("val_mtp_acc"), val_maxvio=ev.get("val_maxvio"),
         )
+
+
+def check_compiler(device: torch.device) -> None:
+    """--compile on the CPU: inductor builds its kernels with a C++ compiler; say so before any work if there is
+    none (on a GPU it needs Triton, which comes with torch's CUDA builds)."""
+    if device.type != "cpu":
+        return
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        get_cpp_compiler()
+    except Exception as e:  # inductor's InvalidCxxCompiler, or whatever the search raised
+        raise Dsv3Error(f"--compile needs a C++ compiler on the CPU ({e}); install g++ (apt-get install g++) or "
+                        "set CXX, or train without --compile") from None
 
 
 def _own_rows(loader: TokenLoader, d: Dist, rows: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
