@@ -1,7 +1,11 @@
 """Shared fixtures. `figures` collects the numbers a test measured (parity errors, ...); they are printed in
-pytest's closing summary, so the figures quoted in the docs come from the same run that checked them."""
+pytest's closing summary, so the figures quoted in the docs come from the same run that checked them.
+`single_thread` and `data` serve the trainer's tests: tiny models on one thread, and a small prepared corpus."""
+
+import pydoc_data.topics
 
 import pytest
+import torch
 
 _FIGURES: list[str] = []
 
@@ -9,6 +13,26 @@ _FIGURES: list[str] = []
 @pytest.fixture(scope="session")
 def figures() -> list[str]:
     return _FIGURES
+
+
+@pytest.fixture
+def single_thread():
+    """Tiny models run fastest on one thread, and a busy machine then slows them least."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A prepared dataset of 30 topics of Python's documentation, with a 512-token vocabulary."""
+    from dsv3.data.prepare import prepare
+
+    root = tmp_path_factory.mktemp("corpus")
+    for topic in sorted(pydoc_data.topics.topics)[:30]:
+        (root / f"{topic}.txt").write_text(pydoc_data.topics.topics[topic])
+    return prepare([str(root)], root / "data", vocab_size=512, log=lambda _: None)
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -2,14 +2,12 @@
 parameter names, compiles one graph for all the MoE layers rather than one per layer, runs evaluation and
 samples eagerly, and says what is missing when there is no C++ compiler."""
 
-import pydoc_data.topics
 
 import pytest
 import torch
 
 from dsv3.commands import train as train_command
 from dsv3.config import preset
-from dsv3.data.prepare import prepare
 from dsv3.errors import Dsv3Error
 from dsv3.model import DeepSeekV3
 from dsv3.parallel.build import apply_compile
@@ -17,23 +15,8 @@ from dsv3.train import TrainConfig, Trainer, train
 from dsv3.train import loop as loop_module
 from dsv3.train.metrics import read_metrics
 
-pytestmark = pytest.mark.slow  # inductor builds C++ kernels: tens of seconds per graph on a small machine
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    for topic in sorted(pydoc_data.topics.topics)[:30]:
-        (root / f"{topic}.txt").write_text(pydoc_data.topics.topics[topic])
-    return prepare([str(root)], root / "data", vocab_size=512, log=lambda _: None)
+# inductor builds C++ kernels: tens of seconds per graph on a small machine
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]
 
 
 def config(tmp_path, data, **changes):

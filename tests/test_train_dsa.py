@@ -10,26 +10,11 @@ import torch
 from dsv3 import DeepSeekV3, load_pretrained, preset
 from dsv3.cli import main
 from dsv3.data import Tokenizer
-from dsv3.data.prepare import prepare
 from dsv3.train import TrainConfig, train
 from dsv3.train.dsa import dsa_model_config, indexer_kl
 from dsv3.train.metrics import read_metrics
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    for topic in sorted(pydoc_data.topics.topics)[:30]:
-        (root / f"{topic}.txt").write_text(pydoc_data.topics.topics[topic])
-    return prepare([str(root)], root / "data", vocab_size=512, log=lambda _: None)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def config(out, data, **changes):

@@ -21,22 +21,7 @@ from dsv3.train import step as step_module
 from dsv3.train.budget import TimeBudget
 from dsv3.train.metrics import read_metrics
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and a busy machine then slows them least."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    for topic in sorted(pydoc_data.topics.topics)[:30]:
-        (root / f"{topic}.txt").write_text(pydoc_data.topics.topics[topic])
-    return prepare([str(root)], root / "data", vocab_size=512, log=lambda _: None)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def config(tmp_path, data, **changes):

@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
+from test_checkpoint import _tiny_model as checkpoint_tiny_model
 
-from dsv3 import DeepSeekV3, load_pretrained, preset, save_pretrained
+from dsv3 import load_pretrained, preset, save_pretrained
 from dsv3.checkpoint.convert import convert_checkpoint
 from dsv3.checkpoint.files import CheckpointReader
 from dsv3.checkpoint.pretrained import SCALE_SUFFIX, hf_layout, quantization_config, scale_fmt_of
@@ -24,12 +25,8 @@ PARTIAL = dict(hidden_size=160, moe_intermediate_size=136, intermediate_size=200
 
 
 def _tiny_model(**changes):
-    torch.manual_seed(0)
-    model = DeepSeekV3(preset("tiny").replace(**changes))
-    model.init_weights(std=0.05)
-    with torch.no_grad():
-        model.layers[1].ffn.gate.bias.normal_(0, 0.1)
-        # blocks of very different magnitudes, so the scales span many powers of two
+    model = checkpoint_tiny_model(**changes)
+    with torch.no_grad():  # blocks of very different magnitudes, so the scales span many powers of two
         model.layers[1].ffn.experts.w2.mul_(torch.logspace(-3, 1, model.layers[1].ffn.experts.w2.shape[-1]))
     return model
 
