@@ -67,7 +67,6 @@ def decode(args) -> list[dict]:
 
 
 def stages(args) -> dict:
-    from dsv3.data import Tokenizer
     from dsv3.train import TrainConfig, train
 
     root = args.out or tempfile.mkdtemp(prefix="bench-dsa-")
@@ -87,7 +86,6 @@ def stages(args) -> dict:
     dense, dense_loss = run("dense", preset="small", max_steps=args.dense_steps)
     tokenizer = os.path.join(dense, "tokenizer.json")
     start = dict(model_config=dense, init_from=dense, tokenizer=tokenizer, schedule="cosine")
-    assert Tokenizer.from_dir(dense)
     fresh_loss = run("fresh-indexers", **start, dsa_stage="warmup", lr=1e-12, max_steps=1)[1]
     warm, warm_loss = run("warmup", **start, dsa_stage="warmup", lr=args.warmup_lr, max_steps=args.warmup_steps)
     sparse_start = dict(start, model_config=warm, init_from=warm)

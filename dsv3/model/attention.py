@@ -16,6 +16,7 @@ K in shape comments is the number of selected keys.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -69,11 +70,14 @@ class AttentionContext:
             mask = self.mask[:, :n, : int(self.positions[:, :n].max()) + 1]
         return AttentionContext(self.positions[:, :n], self.rotation[:, :n], mask, self.sparse, self.probes)
 
-    def causal_mask(self, T: int, device: torch.device) -> torch.Tensor:
-        """`mask`, or for tokens attending among themselves the causal one: [B or 1, T, S]."""
+    @functools.cached_property
+    def causal_mask(self) -> torch.Tensor:
+        """`mask`, or for tokens attending among themselves the causal one: [B or 1, T, S]. Built once per
+        forward, when a sparse-attention layer first needs it."""
         if self.mask is not None:
             return self.mask
-        return torch.full((T, T), float("-inf"), device=device).triu_(1)[None]
+        T = self.positions.shape[1]
+        return torch.full((T, T), float("-inf"), device=self.positions.device).triu_(1)[None]
 
 
 @dataclass
@@ -133,9 +137,9 @@ class MLA(nn.Module):
             if selected is not None and (impl != "absorb" or ctx.probes is not None):
                 # the naive form (and the probe) masks what the selection dropped; the absorbed one gathers
                 dropped = torch.full_like(scores, float("-inf")).scatter_(-1, selected[0], 0.0)  # [B, T, S]
-                mask, scores = ctx.causal_mask(T, x.device) + dropped, scores + dropped
+                mask, scores = ctx.causal_mask + dropped, scores + dropped
             if ctx.probes is not None:
-                full = ctx.causal_mask(T, x.device) if mask is None else mask
+                full = ctx.causal_mask if mask is None else mask
                 target = self._attention_distribution(q_nope, q_pe, c_kv, k_pe, full)
                 ctx.probes.append(IndexerProbe(scores.log_softmax(dim=-1), target))
         if impl == "absorb":
@@ -159,7 +163,7 @@ class MLA(nn.Module):
         drops = ctx.sparse and self.indexer.topk < S  # else every visible key is among the top K
         if not drops and ctx.probes is None:
             return None, None
-        scores = self.indexer.scores(x, q_c, ctx.rotation, k_index, ctx.causal_mask(x.shape[1], x.device))
+        scores = self.indexer.scores(x, q_c, ctx.rotation, k_index, ctx.causal_mask)
         return (self.indexer.select(scores) if drops else None), scores
 
     @torch.no_grad()
