@@ -33,6 +33,17 @@ from dsv3.utils import check_destination, staged_directory
 SIDECARS = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
 
+def _stored_blocks(reader: CheckpointReader, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """An FP8 source tensor and its scales as stored, when it has them (then they can be copied unchanged)."""
+    scale_key = key + SCALE_SUFFIX
+    if reader.dtype(key) != torch.float8_e4m3fn or scale_key not in reader:
+        return None
+    if tuple(reader.shape(scale_key)) != block_scale_shape(reader.shape(key)):
+        raise CheckpointError(f"FP8 tensor {key}: scale shape {tuple(reader.shape(scale_key))} does not match "
+                              f"weight {tuple(reader.shape(key))}")
+    return reader.get(key), reader.get(scale_key)
+
+
 def convert_checkpoint(
     src: str, dst: str, *, dtype: str = "bf16", max_shard_size: int | str | None = None, overwrite: bool = False,
     scale_fmt: str | None = None,
@@ -63,21 +74,11 @@ def convert_checkpoint(
         shape = reader.shape(key)
         return fp8_nbytes(shape) if fp8 and names.is_fp8_in_release(key) else nbytes(shape, out_dtype(key))
 
-    def stored_blocks(key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """An FP8 source tensor and its scales as stored, when they can be copied unchanged."""
-        scale_key = key + SCALE_SUFFIX
-        if not copy_blocks or reader.dtype(key) != torch.float8_e4m3fn or scale_key not in reader:
-            return None
-        if tuple(reader.shape(scale_key)) != block_scale_shape(reader.shape(key)):
-            raise CheckpointError(f"FP8 tensor {key}: scale shape {tuple(reader.shape(scale_key))} does not match "
-                                  f"weight {tuple(reader.shape(key))}")
-        return reader.get(key), reader.get(scale_key)
-
     def materialize(shard_keys):
         out = {}
         for key in shard_keys:
             if fp8 and names.is_fp8_in_release(key):
-                blocks = stored_blocks(key)
+                blocks = _stored_blocks(reader, key) if copy_blocks else None
                 if blocks is None:  # quantise from fp32: a bf16 copy of V3's dequantised blocks would round twice
                     blocks = quantize_blocks(read_tensor(reader, key, torch.float32), scale_format=scale_fmt)
                 out[key], out[key + SCALE_SUFFIX] = blocks
