@@ -36,6 +36,13 @@ def live_server(max_batch=16, max_queue=64, api_key=KEY, template: str | None = 
     engine = Engine(copy.deepcopy(model), tok, max_batch=max_batch, cache_dtype="fp32")
     config = ServerConfig(model_name=NAME, api_key=api_key, max_queue=max_queue, max_body_bytes=max_body_bytes)
     app = create_app(engine, tok, config, ChatTemplate(template) if template else None)
+    with serve_app(app, request_timeout) as port:
+        yield port, engine
+
+
+@contextlib.contextmanager
+def serve_app(app, request_timeout: float = 15.0):
+    """Run `app` with uvicorn on a free port in a background thread; yields the port once it is up."""
     port = free_port()
     protocol = type("Protocol", (DeadlineProtocol,), {"request_timeout": request_timeout})
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", http=protocol))
@@ -46,7 +53,7 @@ def live_server(max_batch=16, max_queue=64, api_key=KEY, template: str | None = 
         assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
         time.sleep(0.02)
     try:
-        yield port, engine
+        yield port
     finally:
         server.should_exit = True
         thread.join(15)

@@ -18,8 +18,6 @@ import json
 import shutil
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -201,28 +199,17 @@ def test_the_model_thinks_only_when_asked():
 def thinking_server(builtin: str = "v3.1", thinking: bool | None = None):
     """The thinking model behind the real app (like server_helpers.live_server), with the built-in format
     `builtin` and the server-wide default `thinking`."""
-    uvicorn = pytest.importorskip("uvicorn")
+    pytest.importorskip("uvicorn")
+    from server_helpers import serve_app
+
     from dsv3.serve.app import ServerConfig, create_app
-    from dsv3.serve.limits import DeadlineProtocol
 
     model, tok, _ = thinking_tiny()
     engine = Engine(copy.deepcopy(model), tok, max_batch=4, cache_dtype="fp32")
     config = ServerConfig(model_name=NAME, api_key=KEY, thinking=thinking)
     app = create_app(engine, tok, config, ChatTemplate(builtin=builtin))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           http=DeadlineProtocol))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.02)
-    try:
+    with serve_app(app) as port:
         yield port
-    finally:
-        server.should_exit = True
-        thread.join(15)
 
 
 @pytest.fixture(scope="module")
