@@ -164,6 +164,19 @@ def test_adaptive_policy_stops_two_drafts_that_do_not_pay():
     assert adaptive.stats.stopped_drafting == 2 and adaptive.stats.draft_proposed[0] < 20
 
 
+def test_drafts_never_kept_stop_even_when_timing_noise_makes_speculation_look_free(monkeypatch):
+    """A loaded machine can time a speculative step below a plain one; the policy reads such a ratio as 1 (the
+    speculative step does more work), so a sequence whose drafts are never kept still stops drafting."""
+    model = random_tiny()
+    record = Engine._record_cost
+    monkeypatch.setattr(Engine, "_record_cost", lambda self, batch, kind, seconds:
+                        record(self, batch, kind, 1.0 if kind == 0 else 0.7))  # speculation timed at 0.7 plain steps
+    adaptive = Engine(model, max_batch=2, cache_dtype="fp32", speculative=True)
+    adaptive.generate([[1, 2, 3, 4], [7, 8, 9]], SamplingParams(max_new_tokens=40))
+    assert adaptive._cost_ratio(2) == 1.0
+    assert adaptive.stats.stopped_drafting == 2 and adaptive.stats.draft_proposed[0] < 20
+
+
 @pytest.mark.parametrize("value", [0, 3, 2.0, True])
 def test_draft_tokens_must_be_one_or_two(value):
     model, _, _ = trained_tiny()

@@ -485,8 +485,11 @@ class Engine:
         self.stats.stopped_drafting += 1
 
     def _cost_ratio(self, batch: int) -> float | None:
+        """A speculative step's measured cost in plain steps, at least 1: it does strictly more work than a plain
+        step (a longer forward, and the MTP blocks), so a ratio below 1 is timing noise, and read as such it would
+        keep a sequence whose drafts are never kept drafting for good."""
         costs = self._step_costs.get(batch)
-        return costs[1] / costs[0] if costs and costs[0] and costs[1] else None
+        return max(1.0, costs[1] / costs[0]) if costs and costs[0] and costs[1] else None
 
     def _record_cost(self, batch: int, kind: int, seconds: float) -> None:
         """Running mean of a plain (kind 0) or speculative (kind 1) step's time at this batch size."""
@@ -526,9 +529,11 @@ class Engine:
         if self.config.draft_policy == "adaptive" and (B not in self._step_costs or self.stats.decode_steps %
                                                        self.RECALIBRATE == 0):
             # what a plain step would cost here: the same forward for the last tokens alone. It writes slot n
-            # with the very values the speculative forward writes there next, so it changes nothing.
-            t0 = time.perf_counter()
-            self.model.run(ids[:, :1], positions[:, :1], cache, attn="absorb")
+            # with the very values the speculative forward writes there next, so it changes nothing. At a new
+            # batch size it runs twice and only the second is timed: the first pays the shape's one-time costs.
+            for _ in range(1 if B in self._step_costs else 2):
+                t0 = time.perf_counter()
+                self.model.run(ids[:, :1], positions[:, :1], cache, attn="absorb")
             self._record_cost(B, 0, time.perf_counter() - t0)
         t0 = time.perf_counter()
         out = self.model.run(ids, positions, cache, attn="absorb")  # logits [B, k+1, V], hidden [B, k+1, d]
