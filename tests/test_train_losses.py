@@ -1,14 +1,17 @@
-"""The training objective: MTP targets line up with depth, lambda's schedule, the balance terms by mode."""
+"""The training objective: MTP targets line up with depth, lambda's schedule, the balance terms by mode; the
+chunked cross-entropy gives torch's loss and gradient."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from dsv3 import DeepSeekV3, preset
+from dsv3.data.loader import IGNORE
 from dsv3.model import Output
 from dsv3.train import TrainConfig
+from dsv3.train import losses as losses_module
 from dsv3.train.balance import aux_balance_loss, sequence_balance_loss
-from dsv3.train.losses import compute_losses, mtp_lambda
+from dsv3.train.losses import compute_losses, cross_entropy, mtp_lambda
 
 
 def one_hot_logits(targets: torch.Tensor, V: int) -> torch.Tensor:
@@ -65,3 +68,28 @@ def test_balance_term_follows_the_mode_and_covers_every_router(mode):
         assert losses.balance.item() == pytest.approx(1e-3 * sum(aux_balance_loss(r) for r in routing).item())
     losses.total.backward()
     assert model.layers[1].ffn.gate.weight.grad is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_cross_entropy_gives_torchs_loss_and_gradient(monkeypatch, dtype):
+    monkeypatch.setattr(losses_module, "CHUNK_ELEMENTS", 4 * 33)  # chunks of 4 rows: 21 rows, the last chunk short
+    torch.manual_seed(0)
+    logits = (torch.randn(3, 7, 33) * 4).to(dtype).requires_grad_()
+    targets = torch.randint(0, 33, (3, 7))
+    targets[0, :3] = IGNORE
+    fused = cross_entropy(logits, targets)
+    (g_fused,) = torch.autograd.grad(0.3 * fused, logits)
+    reference = cross_entropy(logits, targets, fused=False)
+    (g_reference,) = torch.autograd.grad(0.3 * reference, logits)
+    assert fused.dtype == torch.float32 and fused.item() == pytest.approx(reference.item(), rel=1e-6)
+    assert g_fused.dtype == dtype and not g_fused[0, :3].any()  # ignored rows get no gradient
+    torch.testing.assert_close(g_fused, g_reference)  # within the dtype's rounding
+    with torch.no_grad():
+        assert cross_entropy(logits, targets).item() == fused.item()
+
+
+def test_chunked_cross_entropy_of_only_ignored_targets_is_zero_with_zero_gradient():
+    logits = torch.randn(2, 5, 11, requires_grad=True)
+    loss = cross_entropy(logits, torch.full((2, 5), IGNORE))
+    loss.backward()
+    assert loss.item() == 0.0 and not logits.grad.any()
