@@ -2,7 +2,8 @@
 uses (all but the embedding table, and K of E routed experts per MoE layer) and the cache it attends over;
 at the machine's memory bandwidth that sets the fastest possible step. This measures the bandwidth (a copy
 kernel, 1 and 2 threads), counts each step's bytes, times the engine's decode at batch 1, and reports the
-share of the bandwidth decoding reaches, for fp32 and bf16 weights.
+share of the bandwidth decoding reaches, for fp32 weights, bf16 weights in torch's plain layout, and bf16
+weights reordered for oneDNN (`dsv3.infer.packing`, what the CLI does by default).
 
     .venv/bin/python benchmarks/bench_bandwidth.py                         # small, and hidden 1024
     .venv/bin/python benchmarks/bench_bandwidth.py --prompt 1024 --json out.json
@@ -11,6 +12,7 @@ share of the bandwidth decoding reaches, for fp32 and bf16 weights.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 
@@ -18,6 +20,7 @@ import torch
 
 from dsv3 import DeepSeekV3, preset
 from dsv3.infer import Engine, SamplingParams
+from dsv3.infer.packing import pack
 from dsv3.model.cache import bytes_per_token
 
 
@@ -73,20 +76,22 @@ def main() -> None:
         base = DeepSeekV3(cfg)
         base.init_weights()
         base.eval()
-        for dtype in (torch.float32, torch.bfloat16):
-            model = base.to(dtype)
-            cache_dtype = "fp32" if dtype == torch.float32 else "bf16"
-            weights, cache = step_bytes(model, args.prompt + args.new_tokens // 2, cache_dtype)
+        bf16 = copy.deepcopy(base).to(torch.bfloat16)
+        packed = copy.deepcopy(bf16)
+        pack(packed)
+        for dtype, model, plain in (("fp32", base, base), ("bf16", bf16, bf16), ("bf16 packed", packed, bf16)):
+            cache_dtype = dtype.split()[0]
+            weights, cache = step_bytes(plain, args.prompt + args.new_tokens // 2, cache_dtype)  # packing: same bytes
             for threads in (1, 2):
                 torch.set_num_threads(threads)
                 with torch.inference_mode():
                     rate = decode_rate(model, args.prompt, args.new_tokens, cache_dtype, args.repeats)
                 floor = bandwidth[threads] / (weights + cache)
-                row = {"model": label, "dtype": str(dtype).removeprefix("torch."), "threads": threads,
+                row = {"model": label, "dtype": dtype, "threads": threads,
                        "step_weight_mb": weights / 1e6, "step_cache_mb": cache / 1e6, "tokens_per_s": rate,
                        "floor_tokens_per_s": floor, "bandwidth_share": rate / floor}
                 rows.append(row)
-                print(f"{label:<12} {row['dtype']:<9} {threads} thr  step reads {weights / 1e6:6.1f} MB weights + "
+                print(f"{label:<12} {dtype:<11} {threads} thr  step reads {weights / 1e6:6.1f} MB weights + "
                       f"{cache / 1e6:5.2f} MB cache; {rate:7.1f} tok/s of a {floor:7.1f} tok/s floor: "
                       f"{rate / floor:5.1%} of bandwidth")
     if args.json:
