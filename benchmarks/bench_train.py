@@ -5,9 +5,10 @@ Every model is built from the same preset (transformers from `cfg.to_hf()`), get
 built-in corpus and the same AdamW; one step is forward, loss, backward, gradient clipping and the optimizer
 step. Rounds alternate between the models so that other load on the machine hits them alike; the median step
 time of each is reported. transformers has no MTP module, so the comparison runs dsv3 without it; dsv3's full
-recipe (MTP, balance loss, bias update) has rows of its own. MFU is model FLOPs (`dsv3.flops`, MTP counted only
-where it runs) over the square-matmul peak measured in this run for the same dtype (the better of a measurement
-before and one after the timed rounds).
+recipe (MTP, balance loss, bias update) has rows of its own. The "torch's loss" rows are the eager step as it
+was before the chunked cross-entropy (`cross_entropy(..., fused=False)`): before and after in the same run.
+MFU is model FLOPs (`dsv3.flops`, MTP counted only where it runs) over the square-matmul peak measured in this
+run for the same dtype (the best of a measurement before the first and after each sequence length's rounds).
 
 The breakdown profiles one step of the full recipe and gives each part its time, forward and backward: ops run
 inside a part's modules in the forward pass count for it, and so do the backward ops autograd runs for them
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import itertools
 import statistics
 import tempfile
@@ -40,7 +42,7 @@ from torch.autograd.profiler import record_function
 from torch.profiler import ProfilerActivity, profile
 
 import dsv3.train.losses as losses
-from dsv3.flops import flops_per_token
+from dsv3.flops import flops_per_token, index_core_flops, mla_core_flops
 from dsv3.hardware import measure_matmul_peak
 from dsv3.model.attention import MLA
 from dsv3.model.moe import MLP, GroupedExperts, MoE, Router
@@ -52,6 +54,8 @@ PARTS = ("attention", "router", "routed experts", "dispatch + combine", "shared 
 MODULE_PARTS = {MLA: "attention", Router: "router", GroupedExperts: "routed experts", MoE: "dispatch + combine",
                 MLP: "shared + dense MLP"}
 BACKWARD = "autograd::engine::evaluate_function"
+KINDS = ("matmul kernels", "attention kernel (SDPA)", "all other ops")
+MATMULS = {"aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm"}  # the grouped matmul runs aten::mm per expert
 
 
 def hf_model(cfg, seed: int):
@@ -75,6 +79,27 @@ def hf_step(model, opt, batch, dtype: str) -> None:
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
+
+
+def core_flops(cfg, seq_len: int, mtp: bool) -> float:
+    """Training FLOPs per token of the attention core (q k^T, p v), the MTP modules' included."""
+    f = flops_per_token(cfg, seq_len, training=True, mtp=False)
+    core = f.attn_core + f.index_core
+    if mtp:
+        for k in range(1, cfg.num_nextn_predict_layers + 1):  # module k attends over seq_len - k positions
+            T = seq_len - k
+            core += 3 * T / seq_len * (mla_core_flops(cfg, T) + index_core_flops(cfg, T))
+    return core
+
+
+def reference_loss_step(trainer: Trainer) -> None:
+    """One optimizer step with torch's cross-entropy on an fp32 copy of the logits, the loss before the chunked one."""
+    fused = losses.cross_entropy
+    losses.cross_entropy = functools.partial(fused, fused=False)
+    try:
+        trainer.optimizer_step()
+    finally:
+        losses.cross_entropy = fused
 
 
 def flops_by_part(cfg, seq_len: int, mtp: bool) -> dict[str, float]:
@@ -142,10 +167,11 @@ def part_ranges(trainer: Trainer, compiled: bool):
             h.remove()
 
 
-def breakdown(trainer: Trainer, compiled: bool) -> dict[str, list[float]]:
-    """Seconds of one profiled optimizer step by part: {part: [forward, backward]}. Each op's own time (not its
-    children's) goes to the innermost part range around it; a backward op goes where the forward op that
-    recorded its autograd node ran; under --compile what no part claims is the compiled blocks."""
+def breakdown(trainer: Trainer, compiled: bool) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Seconds of one profiled optimizer step by part, {part: [forward, backward]}, and by kind of op (matmul
+    kernels, the attention kernel, everything else). Each op's own time (not its children's) goes to the
+    innermost part range around it; a backward op goes where the forward op that recorded its autograd node
+    ran; under --compile what no part claims is the compiled blocks."""
     with part_ranges(trainer, compiled) as calls, profile(activities=[ProfilerActivity.CPU]) as prof:
         calls.clear()
         trainer.optimizer_step()
@@ -169,15 +195,22 @@ def breakdown(trainer: Trainer, compiled: bool) -> dict[str, list[float]]:
         if not backward and e.sequence_nr >= 0:
             part_of_node.setdefault(e.sequence_nr, part or rest)
     out = {p: [0.0, 0.0] for p in PARTS}
+    kinds = dict.fromkeys(KINDS, 0.0)
     for e, (part, backward, seq) in zip(events, where):
         if backward:
             out[part_of_node.get(seq, rest)][1] += e.self_cpu_time_total / 1e6
         else:
             out[part or rest][0] += e.self_cpu_time_total / 1e6
-    return {p: v for p, v in out.items() if sum(v)}
+        kind = KINDS[0] if e.name in MATMULS else KINDS[1] if "scaled_dot_product" in e.name else KINDS[2]
+        kinds[kind] += e.self_cpu_time_total / 1e6
+    return {p: v for p, v in out.items() if sum(v)}, kinds
 
 
-def print_breakdown(title: str, parts: dict[str, list[float]], flops: dict[str, float], tokens: int) -> None:
+def print_breakdown(title: str, measured: tuple[dict[str, list[float]], dict[str, float]], flops: dict[str, float],
+                    core: float, tokens: int) -> None:
+    """The part table, then the time by kind of op with the rate of the matmuls (every FLOP but the attention
+    core's, `core` per token) and of the attention kernel."""
+    parts, kinds = measured
     total_s = sum(sum(v) for v in parts.values())
     total_f = sum(flops.values())
     print(f"\n{title}: one profiled step, {total_s * 1e3:,.0f} ms")
@@ -188,6 +221,10 @@ def print_breakdown(title: str, parts: dict[str, list[float]], flops: dict[str, 
         rate = f"{f * tokens / (fwd + bwd) / 1e12:.3f}" if f else "-"
         print(f"| {p} | {fwd * 1e3:,.0f} | {bwd * 1e3:,.0f} | {(fwd + bwd) / total_s:.1%} | "
               f"{f / total_f:.1%} | {rate} |")
+    rates = {KINDS[0]: (total_f - core) * tokens, KINDS[1]: core * tokens}
+    print("by kind of op: " + "; ".join(
+        f"{k} {t * 1e3:,.0f} ms ({t / total_s:.0%})" + (f" at {rates[k] / t / 1e12:.3f} TFLOP/s" if k in rates else "")
+        for k, t in kinds.items()))
 
 
 def main() -> None:
@@ -202,6 +239,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice, one per core)")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     ap.add_argument("--no-compile", dest="compile", action="store_false", help="leave out the --compile rows")
+    ap.add_argument("--no-before", dest="before", action="store_false", help="leave out the torch's-loss rows")
     ap.add_argument("--no-breakdown", dest="breakdown", action="store_false")
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
@@ -236,6 +274,8 @@ def run(args, seq_len: int, clock) -> tuple[dict[str, list[float]], dict[str, fl
         common = dict(preset=args.preset, dtype=args.dtype, batch_size=args.batch_size, seq_len=seq_len,
                       max_steps=10_000, peak_tflops=1.0, tensorboard=False, samples=0)
         variants = {"dsv3 (no MTP)": dict(mtp=False), "dsv3 (MTP + balancing)": {}}
+        before = {"dsv3 (no MTP), torch's loss": "dsv3 (no MTP)",
+                  "dsv3 (MTP + balancing), torch's loss": "dsv3 (MTP + balancing)"} if args.before else {}
         if args.compile:
             variants |= {"dsv3 --compile (no MTP)": dict(mtp=False, compile=True),
                          "dsv3 --compile (MTP + balancing)": dict(compile=True)}
@@ -245,7 +285,8 @@ def run(args, seq_len: int, clock) -> tuple[dict[str, list[float]], dict[str, fl
         hf = hf_model(base.model_cfg, seed=0)
         hf_opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
         batches = itertools.cycle([next(base.loader) for _ in range(args.steps)])
-        steps = {name: t.optimizer_step for name, t in runs.items()}
+        steps = {name: (lambda t=runs[of]: reference_loss_step(t)) for name, of in before.items()}
+        steps |= {name: t.optimizer_step for name, t in runs.items()}
         steps["transformers"] = lambda: hf_step(hf, hf_opt, next(batches), args.dtype)
         for name, step in steps.items():
             t0 = time.perf_counter()
@@ -260,18 +301,20 @@ def run(args, seq_len: int, clock) -> tuple[dict[str, list[float]], dict[str, fl
                     step()
                 times[name].append((clock() - t0) / args.steps)
         flops = {name: flops_per_token(t.model_cfg, seq_len, training=True).total for name, t in runs.items()}
+        flops |= {name: flops[of] for name, of in before.items()}
         flops["transformers"] = flops["dsv3 (no MTP)"]
         if args.breakdown:
             full = runs["dsv3 (MTP + balancing)"]
             part_flops = flops_by_part(full.model_cfg, seq_len, mtp=True)
+            core = core_flops(full.model_cfg, seq_len, mtp=True)
             print_breakdown(f"dsv3 (MTP + balancing), {args.batch_size} x {seq_len}, eager", breakdown(full, False),
-                            part_flops, tokens)
+                            part_flops, core, tokens)
             if args.compile:
                 in_blocks = PARTS[:5]
                 block_flops = {p: f for p, f in part_flops.items() if p not in in_blocks}
                 block_flops["blocks (compiled)"] = sum(part_flops.get(p, 0.0) for p in in_blocks)
                 print_breakdown(f"dsv3 --compile (MTP + balancing), {args.batch_size} x {seq_len}",
-                                breakdown(runs["dsv3 --compile (MTP + balancing)"], True), block_flops, tokens)
+                                breakdown(runs["dsv3 --compile (MTP + balancing)"], True), block_flops, core, tokens)
         if args.profile:
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 runs["dsv3 (MTP + balancing)"].optimizer_step()

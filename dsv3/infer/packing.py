@@ -6,7 +6,7 @@ halved bytes save: plain bf16 decodes slower than fp32 on a CPU without AMX. A w
 (`torch.ops.mkldnn._reorder_linear_weight`, what inductor's CPU freezing does) and multiplied by
 `torch.ops.mkldnn._linear_pointwise` gives the same numbers, bit for bit, in 0.45-0.76x the time (1 row,
 256 to 8192 outputs, measured on the 2-core EPYC of BENCHMARKS.md). The reordered tensors replace the plain
-ones, so a packed model takes no more memory; it runs forwards only (no gradients) and only on the CPU.
+ones, so a packed model holds no second copy of its weights; it runs forwards only (no gradients), on the CPU.
 """
 
 from __future__ import annotations
