@@ -5,7 +5,7 @@ pytest's closing summary, so the figures quoted in the docs come from the same r
 import pydoc_data.topics
 
 import pytest
-import torch
+from infer_models import one_thread
 
 _FIGURES: list[str] = []
 
@@ -18,10 +18,8 @@ def figures() -> list[str]:
 @pytest.fixture
 def single_thread():
     """Tiny models run fastest on one thread, and a busy machine then slows them least."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

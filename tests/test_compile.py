@@ -2,7 +2,6 @@
 parameter names, compiles one graph for all the MoE layers rather than one per layer, runs evaluation and
 samples eagerly, and says what is missing when there is no C++ compiler."""
 
-
 import pytest
 import torch
 

@@ -4,7 +4,6 @@ linear against the exact one, bf16 AdamW moments, exact resume, the release-layo
 import json
 import math
 import os
-import pydoc_data.topics
 
 import pytest
 import torch
@@ -12,7 +11,6 @@ from safetensors import safe_open
 
 from dsv3 import DeepSeekV3, load_pretrained, preset
 from dsv3.cli import main
-from dsv3.data.prepare import prepare
 from dsv3.fp8 import (
     E4M3_MAX,
     fake_quant_blocks,
@@ -126,14 +124,6 @@ def test_bf16_moments_follow_adamw():
     torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)  # the same update when the moments are fp32
     assert low.state[c]["exp_avg"].dtype == torch.bfloat16
     assert 0 < (c - a).abs().max() < 1e-3  # bf16 moments move the weights by a hair
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    for topic in sorted(pydoc_data.topics.topics)[:20]:
-        (root / f"{topic}.txt").write_text(pydoc_data.topics.topics[topic])
-    return prepare([str(root)], root / "data", vocab_size=512, log=lambda _: None)
 
 
 def fp8_config(tmp_path, data, **changes):

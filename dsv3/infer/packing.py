@@ -75,16 +75,13 @@ class PackedExperts(nn.Module):
 
     def __init__(self, experts: GroupedExperts):
         super().__init__()
-        self.n_experts = experts.w1.shape[0]
-        for name in ("w1", "w2", "w3"):
-            for e, w in enumerate(getattr(experts, name)):
-                self.register_buffer(f"{name}_{e}", _reorder(w), persistent=False)
+        # one reordered [out, in] matrix per expert (plain lists: the module only ever runs on the CPU)
+        self.w1, self.w2, self.w3 = ([_reorder(w) for w in ws] for ws in (experts.w1, experts.w2, experts.w3))
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [M, d], rows sorted by expert with counts[e] rows for expert e -> [M, d]."""
-        w1, w2, w3 = ([getattr(self, f"{name}_{e}") for e in range(self.n_experts)] for name in ("w1", "w2", "w3"))
-        return _expert_loop(x, counts, w1, w2, w3, _linear)
+        return _expert_loop(x, counts, self.w1, self.w2, self.w3, _linear)
 
     def extra_repr(self) -> str:
-        return f"{self.n_experts} experts"
+        return f"{len(self.w1)} experts"
 
